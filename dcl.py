@@ -1,0 +1,1232 @@
+"""dcl.py: contrastive unpaired image-to-image translation in one file.
+
+A readable, runnable reference for patch-wise contrastive translation:
+
+  CUT and FastCUT   Park, Efros, Zhang, Zhu. "Contrastive Learning for Unpaired
+                    Image-to-Image Translation", ECCV 2020, arXiv 2007.15651.
+                    Official code: taesungp/contrastive-unpaired-translation
+                    (described here as of commit b3ac297).
+
+Every network keeps the official layer indices and state-dict key names, so an
+official `latest_net_G.pth` loads with strict=True; every default is the
+official code's. Where the paper and the official code disagree, the code wins
+and the difference is listed in the faithfulness notes below.
+
+Commands
+    python dcl.py train --mode cut                      # bundled data, demo settings
+    python dcl.py train --mode cut --max_steps 2        # does one training cycle work?
+    python dcl.py train --mode fastcut --dataroot ./datasets/horse2zebra --name h2z
+    python dcl.py train --name h2z --mode fastcut --dataroot ./datasets/horse2zebra --continue_train
+    python dcl.py translate --checkpoint checkpoints/h2z/ckpt_latest.pt \\
+                            --input ./datasets/horse2zebra/testA --output ./results/h2z
+
+Contents (banners below carry these numbers; [core] = the methods,
+[plumbing] = the machinery around them, safe to skip on a first read)
+    1. Config and mode presets     [plumbing]
+    2. Building blocks: antialiased resampling, ResNet block, init
+    3. Generator G                 [core]
+    4. Discriminator D (PatchGAN)
+    5. Projection head H           [core]
+    6. Losses                      [core]
+    7. Unpaired data               [plumbing]
+    8. The training step           [core]
+    9. The training loop, checkpoints, samples   [plumbing]
+   10. Translate                   [plumbing]
+   11. Command line                [plumbing]
+
+Letters: n images per batch, S sampled patches per layer and image
+(--num_patches), E projection width (--netF_nc), L tapped layers, C/H/W channels
+and size of a feature map, τ the temperature (--nce_T). The letter D is only
+ever the discriminator.
+
+Glossary (code name | paper symbol | official name or flag)
+    G                  | G = G_dec ∘ G_enc         | netG
+    G.encode           | G_enc, the encoder taps   | netG(x, layers, encode_only=True)
+    D                  | D                         | netD
+    H                  | H_l, the 2-layer MLP head | netF (PatchSampleF), `F` in files
+    real_a, real_b     | x ∈ X, y ∈ Y              | real_A, real_B
+    fake_b             | ŷ = G(x)                  | fake_B
+    idt_b              | G(y), identity image      | idt_B
+    feat_q, feat_k     | query z, keys z⁺ and z⁻   | feat_q, feat_k
+    lambda_NCE         | λ_X (= λ_Y)               | --lambda_NCE
+    NCE, NCE_Y         | ℓ_PatchNCE(G,H,X), (…,Y)  | loss_NCE, loss_NCE_Y
+    tau                | τ = 0.07                  | --nce_T
+    num_patches        | S = 256                   | --num_patches
+    netF_nc            | E = 256                   | --netF_nc
+    nce_layers         | the L layers l            | --nce_layers 0,4,8,12,16
+    continue_train     | (resume)                  | --continue_train, alias --resume
+
+Faithfulness notes: every place this file differs from the official CUT code
+(methods.md §10 numbers the quirks Q1..Q38), and the official quirks we keep.
+  F1  Kept: the l_neg diagonal is filled with −10 before dividing by τ (Q1); the
+      README's −inf gives the same value in fp32 (exp(−142.9) = 0).
+  F2  Kept: keys are detached (Q2); one patch-id set per layer is shared by
+      every image of the batch (Q3); negatives come from the same image.
+  F3  Changed: patch ids, the FastCUT flip coin and the B draw use torch's RNG
+      instead of numpy's and Python's (Q4, Q15), so one --seed covers all.
+      Same distributions; runs are not bit-identical to official runs.
+  F4  Changed: PatchNCE views patches per image with the tensor's real batch
+      size, not the --batch_size option (Q5); identical at batch 1.
+  F5  Changed: heads are built eagerly from known channel counts, not lazily
+      on a throw-away first batch (Q8); layer ids are a tuple, never mutated (Q7).
+  F6  Kept: no random crop during the LR-decay epochs (Q9); --crop_in_decay
+      turns cropping back on.  Kept: the LR never reaches 0 (Q10).
+  F7  Changed: counters count optimisation steps, not images (Q14); the
+      frequencies are in steps. Identical at batch 1.
+  F8  Changed: translate processes every input once, at native resolution,
+      keeping names (Q13); --resize 256 gives the official test protocol
+      (square bicubic resize, truncating uint8 conversion, PNG).
+  F9  Changed: D scores real and fake images in one call (exact: no layer
+      mixes images); augmentation is drawn from a per-item seed, so a run is
+      the same whatever --num_threads, and resumes exactly mid-epoch.
+  F10 Changed: --max_dataset_size truncates the sorted file list (official:
+      walk order); --crop_size must be a multiple of 4 (official silently
+      resizes to one); one checkpoint file holds every net, optimiser, counter,
+      RNG state and the config (official: one weights-only file per net).
+
+Not included: visdom or any display server, HTML pages, dataset downloads,
+UNet/StyleGAN generators, SinCUT, FID (run pytorch-fid on translate output),
+DataParallel, wandb/tensorboard.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.utils import save_image
+
+# -----------------------------------------------------------------------------
+# 1. Config and mode presets [plumbing]
+# -----------------------------------------------------------------------------
+# Precedence: the dataclass defaults (the official CUT code's) < the --mode
+# preset < the demo settings (only when no --dataroot is given) < flags typed
+# on the command line. The resolved config is printed at start, saved with the
+# run and stored in every checkpoint, so translate needs nothing else.
+
+MODES = {
+    # CUT: identity NCE on the target domain (G(y) should stay y), λ_NCE 1,
+    # 200 epochs at full LR + 200 of linear decay (official --CUT_mode CUT).
+    "cut": dict(lambda_NCE=1.0, nce_idt=True, flip_equivariance=False,
+                n_epochs=200, n_epochs_decay=200),
+    # FastCUT: no identity pass (half the generator work), a 10x NCE weight and
+    # flip-equivariance instead, 150 + 50 epochs (official --CUT_mode FastCUT).
+    "fastcut": dict(lambda_NCE=10.0, nce_idt=False, flip_equivariance=True,
+                    n_epochs=150, n_epochs_decay=50),
+}
+
+# Without --dataroot we train on the bundled 96x96 two-domain set in data/ with
+# settings a 2-core CPU runs at several steps per second: 64-pixel crops and a
+# quarter-width network. The method (losses, layers, step) is unchanged.
+BUNDLED_DATA = Path(__file__).resolve().parent / "data"
+DEMO = dict(load_size=72, crop_size=64, ngf=16, ndf=16, netF_nc=64,
+            n_epochs=6, n_epochs_decay=2, print_freq=25, display_freq=100,
+            save_latest_freq=500, save_epoch_freq=1, num_threads=1)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
+
+
+def _opt(default, help, **extra):
+    """A config field whose metadata becomes its command-line flag."""
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    # method
+    mode: str = _opt("cut", "method preset", choices=tuple(MODES))
+    # data
+    dataroot: str = _opt("", "folder holding trainA/ and trainB/ (testA/, testB/ "
+                         "optional); empty = the bundled data/ set, demo settings")
+    direction: str = _opt("AtoB", "AtoB translates trainA->trainB; BtoA swaps them",
+                          choices=("AtoB", "BtoA"))
+    load_size: int = _opt(286, "training images are resized to this square first")
+    crop_size: int = _opt(256, "then randomly cropped to this square (a multiple of 4)")
+    no_flip: bool = _opt(False, "no random horizontal flip of training images")
+    serial_batches: bool = _opt(False, "no shuffling; B paired to A by index, not at random")
+    crop_in_decay: bool = _opt(False, "keep random crops during the LR-decay epochs "
+                               "(the official code resizes straight to crop_size then)")
+    max_dataset_size: int = _opt(0, "use at most this many images per domain (0 = all)")
+    num_threads: int = _opt(4, "data-loading worker processes (0 = load in the main process)")
+    # model
+    ngf: int = _opt(64, "generator width (channels of its first conv)")
+    ndf: int = _opt(64, "discriminator width")
+    netF_nc: int = _opt(256, "E: width of the projection head H")
+    nce_layers: str = _opt("0,4,8,12,16", "indices of G.model tapped for PatchNCE, ascending")
+    num_patches: int = _opt(256, "S: patches sampled per layer and image")
+    # losses
+    gan_mode: str = _opt("lsgan", "adversarial loss", choices=("lsgan", "hinge"))
+    lambda_GAN: float = _opt(1.0, "weight of the adversarial loss of G")
+    lambda_NCE: float = _opt(1.0, "weight of the PatchNCE loss")
+    nce_idt: bool = _opt(True, "also apply PatchNCE to y -> G(y) (identity)")
+    nce_T: float = _opt(0.07, "tau: the PatchNCE temperature")
+    flip_equivariance: bool = _opt(False, "FastCUT's flip equivariance: flip the input "
+                                   "at random and flip G's features back")
+    # optimisation
+    n_epochs: int = _opt(200, "epochs at the initial learning rate")
+    n_epochs_decay: int = _opt(200, "epochs of linear decay after those")
+    lr: float = _opt(2e-4, "Adam learning rate of G, D and H")
+    beta1: float = _opt(0.5, "Adam beta1")
+    beta2: float = _opt(0.999, "Adam beta2")
+    batch_size: int = _opt(1, "images per domain per step (the papers use 1)")
+    # run
+    name: str = _opt("", "run name; the run folder is checkpoints_dir/name "
+                     "(default: <mode>_<dataset folder>)")
+    checkpoints_dir: str = _opt("./checkpoints", "where run folders are made")
+    continue_train: bool = _opt(False, "continue the run `name` from its latest checkpoint",
+                                aliases=("--resume",))
+    max_steps: int = _opt(0, "stop after this many steps in all (0 = train every epoch)")
+    seed: int = _opt(0, "seeds torch, numpy, python and every data-augmentation draw")
+    device: str = _opt("auto", "auto (CUDA if available), cpu, cuda or cuda:N")
+    deterministic: bool = _opt(False, "deterministic cuDNN and torch algorithms")
+    print_freq: int = _opt(100, "steps between loss-log rows and progress lines")
+    display_freq: int = _opt(2500, "steps between sample grids")
+    save_latest_freq: int = _opt(5000, "steps between writes of ckpt_latest.pt")
+    save_epoch_freq: int = _opt(5, "epochs between kept weight snapshots")
+
+    @property
+    def layer_ids(self) -> tuple:
+        return tuple(int(i) for i in self.nce_layers.split(","))
+
+    @property
+    def total_epochs(self) -> int:
+        return self.n_epochs + self.n_epochs_decay
+
+    def validate(self) -> None:
+        """Turn impossible settings into one-line errors before any work starts."""
+        try:
+            ids = self.layer_ids
+        except ValueError:
+            raise UserError(f"--nce_layers {self.nce_layers!r}: give comma-separated integers")
+        if list(ids) != sorted(set(ids)) or ids[0] < 0:
+            raise UserError(f"--nce_layers {self.nce_layers}: indices must be distinct, "
+                            "non-negative and ascending")
+        if self.crop_size > self.load_size:
+            raise UserError(f"--crop_size {self.crop_size} is larger than --load_size "
+                            f"{self.load_size}: images are resized to load_size before cropping")
+        if self.crop_size % 4 or self.crop_size < 16:
+            raise UserError(f"--crop_size {self.crop_size}: use a multiple of 4, at least 16 "
+                            "(G halves the size twice and doubles it twice)")
+        for flag in ("batch_size", "num_patches", "ngf", "ndf", "netF_nc", "print_freq",
+                     "display_freq", "save_latest_freq", "save_epoch_freq"):
+            if getattr(self, flag) < 1:
+                raise UserError(f"--{flag} must be at least 1")
+        if self.nce_T <= 0:
+            raise UserError("--nce_T must be positive")
+
+
+class UserError(Exception):
+    """A mistake in the command, the data or a file: reported in one line, exit 2."""
+
+
+def resolve_config(flags: dict) -> tuple[TrainConfig, dict]:
+    """Merge defaults < mode preset < demo settings < flags; also say where
+    each value came from, so the printed config explains itself."""
+    mode = flags.get("mode", "cut")
+    values, source = dict(MODES[mode]), {k: mode for k in MODES[mode]}
+    if not flags.get("dataroot"):
+        values.update(DEMO)
+        source.update({k: "demo" for k in DEMO})
+        values["dataroot"] = str(BUNDLED_DATA)
+    values.update(flags)
+    source.update({k: "flag" for k in flags})
+    if not values.get("name"):
+        values["name"] = f"{mode}_{Path(values['dataroot']).resolve().name}"
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    return cfg, source
+
+
+# -----------------------------------------------------------------------------
+# 2. Building blocks: antialiased resampling, ResNet block, init
+# -----------------------------------------------------------------------------
+# The CUT lineage replaces strided convolutions with "blur, then subsample"
+# (Zhang, "Making Convolutional Networks Shift-Invariant Again", ICML 2019,
+# arXiv 1904.11486): a stride-2 conv aliases high frequencies into
+# checkerboard artefacts, a fixed low-pass filter before the subsampling does
+# not. The filters are constant, stored as persistent buffers named `filt`
+# because official checkpoints contain them (official CUT code, networks.py).
+
+class Downsample(nn.Module):
+    """Blur with [1,2,1]ᵀ⊗[1,2,1]/16, then keep every second pixel.
+    n×C×H×W -> n×C×⌊(H−1)/2⌋+1×⌊(W−1)/2⌋+1 (exactly H/2 for even H)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        a = torch.tensor([1.0, 2.0, 1.0])
+        kernel = a[:, None] * a[None, :]
+        self.register_buffer("filt", (kernel / kernel.sum()).repeat(channels, 1, 1, 1))
+        self.pad = nn.ReflectionPad2d(1)
+
+    def forward(self, x):
+        return F.conv2d(self.pad(x), self.filt, stride=2, groups=x.shape[1])
+
+
+class Upsample(nn.Module):
+    """Insert zeros between pixels and blur with 4·[1,3,3,1]ᵀ⊗[1,3,3,1]/64 (the ×4
+    restores the brightness the zeros took away). n×C×H×W -> n×C×2H×2W."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        a = torch.tensor([1.0, 3.0, 3.0, 1.0])
+        kernel = a[:, None] * a[None, :]
+        self.register_buffer("filt", (4 * kernel / kernel.sum()).repeat(channels, 1, 1, 1))
+        self.pad = nn.ReplicationPad2d(1)
+
+    def forward(self, x):
+        # Padding 1 then a transposed conv with padding 2 gives 2H+2 rows; the
+        # official code drops the first and the last row and column.
+        y = F.conv_transpose2d(self.pad(x), self.filt, stride=2, padding=2, groups=x.shape[1])
+        return y[:, :, 1:-1, 1:-1]
+
+
+def norm(channels: int) -> nn.Module:
+    # Instance norm without affine parameters or running statistics: it has no
+    # state at all, and it normalises each image alone, so concatenating
+    # images into one batch never changes any output (the code relies on it).
+    return nn.InstanceNorm2d(channels, affine=False, track_running_stats=False)
+
+
+class ResnetBlock(nn.Module):
+    """x + [pad, conv3x3, IN, ReLU, pad, conv3x3, IN](x); no activation after the sum."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv_block = nn.Sequential(
+            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3), norm(channels), nn.ReLU(True),
+            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3), norm(channels))
+
+    def forward(self, x):
+        return x + self.conv_block(x)
+
+
+def init_weights(net: nn.Module, gain: float = 0.02) -> nn.Module:
+    """xavier_normal with gain 0.02 for every conv and linear weight, biases 0
+    (official --init_type xavier --init_gain 0.02). std = 0.02·√(2/(fan_in+fan_out)),
+    so an untrained G outputs an almost uniform grey."""
+    for module in net.modules():
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.xavier_normal_(module.weight, gain=gain)
+            nn.init.zeros_(module.bias)
+    return net
+
+
+def set_requires_grad(net: nn.Module, flag: bool) -> None:
+    for p in net.parameters():
+        p.requires_grad_(flag)
+
+
+# -----------------------------------------------------------------------------
+# 3. Generator G [core]
+# -----------------------------------------------------------------------------
+# ResNet generator (Johnson et al. 2016, as in CycleGAN), antialiased as in the
+# CUT code. One nn.Sequential named `model`; its indices are public: they name
+# the PatchNCE layers and the keys of official checkpoints. At 256x256:
+#   idx  module                               output
+#    0   ReflectionPad2d(3)                   3×262×262   <- tap 0 (RGB + border)
+#   1-3  conv7 3→64, IN, ReLU                 64×256×256
+#   4-6  conv3 64→128 (stride 1), IN, ReLU    128×256×256 <- tap 4 (conv, pre-IN)
+#    7   Downsample(128)                      128×128×128
+#   8-10 conv3 128→256, IN, ReLU              256×128×128 <- tap 8 (conv, pre-IN)
+#   11   Downsample(256)                      256×64×64
+#  12-20 9 × ResnetBlock(256)                 256×64×64   <- taps 12, 16 (blocks 1, 5)
+#   21   Upsample(256), 22-24 conv3 256→128, IN, ReLU     128×128×128
+#   25   Upsample(128), 26-28 conv3 128→64, IN, ReLU      64×256×256
+#  29-31 ReflectionPad2d(3), conv7 64→3, Tanh             3×256×256
+# The taps' receptive fields are 1, 9, 15, 35 and 99 pixels: from single
+# pixels to object parts, which is why PatchNCE uses several layers.
+
+class Generator(nn.Module):
+    def __init__(self, ngf: int = 64, n_blocks: int = 9):
+        super().__init__()
+        layers = [nn.ReflectionPad2d(3), nn.Conv2d(3, ngf, 7), norm(ngf), nn.ReLU(True)]
+        for mult in (1, 2):                                   # 2 × (conv, IN, ReLU, blur-down)
+            c = ngf * mult
+            layers += [nn.Conv2d(c, 2 * c, 3, padding=1), norm(2 * c), nn.ReLU(True),
+                       Downsample(2 * c)]
+        layers += [ResnetBlock(4 * ngf) for _ in range(n_blocks)]
+        for mult in (4, 2):                                   # 2 × (blur-up, conv, IN, ReLU)
+            c = ngf * mult
+            layers += [Upsample(c), nn.Conv2d(c, c // 2, 3, padding=1), norm(c // 2),
+                       nn.ReLU(True)]
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, 3, 7), nn.Tanh()]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x):                                     # n×3×H×W in [−1, 1], H, W multiples of 4
+        return self.model(x)
+
+    def encode(self, x, layer_ids: tuple) -> list:
+        """The activations after each listed layer. Stops after the last one,
+        so the decoder never runs (official: encode_only=True)."""
+        feats = []
+        for index, layer in enumerate(self.model):
+            x = layer(x)
+            if index in layer_ids:
+                feats.append(x)
+                if index == layer_ids[-1]:
+                    return feats
+        raise ValueError(f"layer ids {layer_ids} go beyond G's {len(self.model)} layers")
+
+    def tap_channels(self, layer_ids: tuple) -> list:
+        """Channel count at each tapped layer, read off the layer list, so H can
+        be built before any image is seen."""
+        channels, out = 3, []
+        for index, layer in enumerate(self.model):
+            channels = getattr(layer, "out_channels", channels)
+            if index in layer_ids:
+                out.append(channels)
+        if len(out) != len(layer_ids):
+            raise UserError(f"--nce_layers {','.join(map(str, layer_ids))}: G has layers "
+                            f"0..{len(self.model) - 1} only")
+        return out
+
+
+# -----------------------------------------------------------------------------
+# 4. Discriminator D (PatchGAN)
+# -----------------------------------------------------------------------------
+# The 70x70 PatchGAN of pix2pix (Isola et al., arXiv 1611.07004): a small conv
+# net whose output is a map of real/fake scores, one per overlapping patch, so
+# it judges texture and local structure, not global layout. The CUT code
+# replaces each stride-2 conv by conv-stride-1 + Downsample, which widens the
+# receptive field to 84x84 but keeps the 30x30 output at 256x256 input.
+#   0-2  conv4 3→64, LReLU(0.2), Downsample                 64×128×128
+#   3-6  conv4 64→128, IN, LReLU, Downsample                128×64×64
+#   7-10 conv4 128→256, IN, LReLU, Downsample               256×32×32
+#  11-13 conv4 256→512, IN, LReLU                           512×31×31
+#   14   conv4 512→1 (no sigmoid: the GAN loss decides)     1×30×30
+
+class Discriminator(nn.Module):
+    def __init__(self, ndf: int = 64):
+        super().__init__()
+        layers = [nn.Conv2d(3, ndf, 4, padding=1), nn.LeakyReLU(0.2, True), Downsample(ndf)]
+        for mult in (1, 2):
+            c = ndf * mult
+            layers += [nn.Conv2d(c, 2 * c, 4, padding=1), norm(2 * c), nn.LeakyReLU(0.2, True),
+                       Downsample(2 * c)]
+        layers += [nn.Conv2d(4 * ndf, 8 * ndf, 4, padding=1), norm(8 * ndf),
+                   nn.LeakyReLU(0.2, True), nn.Conv2d(8 * ndf, 1, 4, padding=1)]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x):                                     # n×3×H×W -> n×1×h×w scores
+        return self.model(x)
+
+
+# -----------------------------------------------------------------------------
+# 5. Projection head H [core]
+# -----------------------------------------------------------------------------
+# H (official PatchSampleF) picks S positions of each tapped map and sends each
+# position's C-vector through a per-layer 2-layer MLP to a unit E-vector, as in
+# SimCLR (Chen et al. 2020): the contrastive loss acts on H's output, so the
+# encoder keeps information the loss would otherwise throw away.
+
+class ProjectionHead(nn.Module):
+    def __init__(self, in_channels: list, width: int = 256):
+        super().__init__()
+        for index, c in enumerate(in_channels):               # official key names mlp_0, mlp_1, ...
+            setattr(self, f"mlp_{index}", nn.Sequential(nn.Linear(c, width), nn.ReLU(),
+                                                        nn.Linear(width, width)))
+        self.n_layers = len(in_channels)
+
+    def forward(self, feats: list, num_patches: int, patch_ids: list | None = None):
+        """feats: L maps n×C_l×H_l×W_l. Returns L tensors (n·S_l)×E, image-major,
+        with S_l = min(S, H_l·W_l), and the L position-id sets used.
+
+        Without patch_ids, draws one random set of positions per layer, shared by
+        every image of the batch (official; Q3). PatchNCE samples the keys first
+        and passes their ids for the queries, so row i of both is one location."""
+        out, ids_out = [], []
+        for index, feat in enumerate(feats):
+            flat = feat.permute(0, 2, 3, 1).flatten(1, 2)     # n×(H·W)×C, row-major positions
+            if patch_ids is None:
+                ids = torch.randperm(flat.shape[1])[:min(num_patches, flat.shape[1])]
+                ids = ids.to(feat.device)
+            else:
+                ids = patch_ids[index]
+            picked = flat[:, ids, :].flatten(0, 1)            # (n·S_l)×C
+            z = getattr(self, f"mlp_{index}")(picked)         # (n·S_l)×E
+            out.append(z / (z.norm(dim=1, keepdim=True) + 1e-7))  # official: eps added, not clamped
+            ids_out.append(ids)
+        return out, ids_out
+
+
+def count_parameters(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+# -----------------------------------------------------------------------------
+# 6. Losses [core]
+# -----------------------------------------------------------------------------
+
+def gan_loss(prediction: torch.Tensor, target_is_real: bool, gan_mode: str) -> torch.Tensor:
+    """Adversarial loss of a score map p (n×1×h×w); the mean runs over every patch.
+
+    [LSGAN: Mao et al., arXiv 1611.04076; official CUT code, networks.py GANLoss]
+        lsgan  real: mean((p − 1)²)     fake: mean(p²)
+    [hinge: used by DCLGAN; official DCLGAN code, networks.py]
+        hinge  real: mean(relu(1 − p))  fake: mean(relu(1 + p))
+    The generator asks for "real" on its fakes: L_G = lsgan_real(D(G(x))).
+    Deviation kept from the DCLGAN code: its hinge generator loss is therefore
+    mean(relu(1 − D(G(x)))), not the more common −mean(D(G(x))).
+    D's loss is L_D = 0.5·(real + fake), never multiplied by λ_GAN (official)."""
+    if gan_mode == "lsgan":
+        return ((prediction - 1) ** 2).mean() if target_is_real else (prediction ** 2).mean()
+    if gan_mode == "hinge":
+        return F.relu(1 - prediction).mean() if target_is_real else F.relu(1 + prediction).mean()
+    raise ValueError(gan_mode)
+
+
+def patch_nce_loss(feat_q: torch.Tensor, feat_k: torch.Tensor, n_images: int,
+                   tau: float = 0.07) -> torch.Tensor:
+    """PatchNCE for one layer: each output patch must pick out the input patch
+    at its own location among the other patches of the same input image.
+
+    [CUT paper §3.1, Eq. 2-3 (ℓ and ℓ_PatchNCE); official CUT code, models/patchnce.py]
+        for row i (a query q_i, its positive key k_i, the keys k_j of the other
+        S−1 sampled locations of the same image as negatives):
+        ℓ_i = −log( exp(q_i·k_i/τ) / ( exp(q_i·k_i/τ) + exp(−10/τ) + Σ_(j≠i) exp(q_i·k_j/τ) ) )
+    Shapes: feat_q, feat_k (n·S)×E unit vectors, image-major -> ℓ of shape (n·S).
+    The caller takes the mean over patches, then over layers (the paper writes
+    sums; every λ in the code refers to the means).
+
+    Why the keys are detached: the official code does it (the paper is silent;
+    the maintainer calls it MoCo-like): the input's encoding is the fixed
+    target, the gradient enters only through the queries, i.e. through G(x).
+    Why −10 on the diagonal: the diagonal of q·kᵀ repeats the positive; the
+    code masks it with −10 before dividing by τ, which leaves exp(−142.9) = 0
+    in fp32 (the README's −inf, same value). Why same-image negatives: other
+    patches of one image share its style, so the only way to tell the positive
+    apart is content, which is exactly what the translation must keep."""
+    feat_k = feat_k.detach().float()
+    feat_q = feat_q.float()                                   # logits in fp32: 1/τ ≈ 14 amplifies rounding
+    l_pos = (feat_q * feat_k).sum(dim=1, keepdim=True)        # (n·S)×1
+    q = feat_q.view(n_images, -1, feat_q.shape[1])            # n×S×E
+    k = feat_k.view(n_images, -1, feat_k.shape[1])            # n×S×E
+    l_neg = torch.bmm(q, k.transpose(1, 2))                   # n×S×S
+    diagonal = torch.eye(q.shape[1], dtype=torch.bool, device=q.device)[None]
+    l_neg = l_neg.masked_fill(diagonal, -10.0).flatten(0, 1)  # (n·S)×S
+    logits = torch.cat([l_pos, l_neg], dim=1) / tau           # (n·S)×(S+1), class 0 is positive
+    target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    return F.cross_entropy(logits, target, reduction="none")
+
+
+def nce_between(source, output, G_key, H_key, G_query, H_query, cfg: TrainConfig,
+                flip_back: bool = False) -> torch.Tensor:
+    """ℓ_PatchNCE(source -> output), averaged over patches and layers, × λ_NCE.
+
+        NCE = (1/L)·Σ_l λ_NCE·mean_i ℓ_(l,i),   k = H(G.encode(source)),  q = H(G.encode(output))
+    The keys are sampled first and their patch ids reused for the queries.
+    source, output: n×3×H×W. Key and query nets are separate arguments so the
+    same function serves methods that embed each domain with its own encoder.
+    flip_back (FastCUT): the output was made from a flipped input; flipping
+    its feature maps back lines them up with the unflipped source's, so the
+    loss asks for G(flip(x)) = flip(G(x))."""
+    layer_ids = cfg.layer_ids
+    feat_q = G_query.encode(output, layer_ids)                # L maps n×C_l×H_l×W_l
+    if flip_back:
+        feat_q = [f.flip(3) for f in feat_q]
+    feat_k = G_key.encode(source, layer_ids)
+    keys, patch_ids = H_key(feat_k, cfg.num_patches)          # L × (n·S_l)×E
+    queries, _ = H_query(feat_q, cfg.num_patches, patch_ids)
+    n = source.shape[0]                                       # the real batch size (Q5)
+    layer_losses = [patch_nce_loss(q, k, n, cfg.nce_T).mean() for q, k in zip(queries, keys)]
+    return cfg.lambda_NCE * torch.stack(layer_losses).mean()
+
+
+# -----------------------------------------------------------------------------
+# 7. Unpaired data [plumbing]
+# -----------------------------------------------------------------------------
+# DATAROOT/trainA and DATAROOT/trainB hold unrelated images (any counts). An
+# epoch visits every A image once (or, if B is larger, max(|A|,|B|) items with
+# A repeating); each A is paired with a B drawn uniformly at random, so the
+# model never sees the same pair twice and cannot rely on pairing (official
+# unaligned_dataset.py). Each item's random draws (the B index, crops, flips)
+# come from its own seed (seed, epoch, position), so a run is reproducible
+# whatever the number of workers and resumes exactly in the middle of an epoch.
+
+def find_images(folder: Path) -> list:
+    """Every image below folder (links followed), sorted, extensions in any case."""
+    found = []
+    for root, _, names in os.walk(folder, followlinks=True):
+        found += [Path(root) / n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(found)
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Open any image as RGB (grayscale, palette and RGBA are converted, as the
+    official dataset does); a broken file becomes a one-line error."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise UserError(f"cannot read image {path}: {error}") from None
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> 3×H×W float in [−1, 1] (ToTensor then Normalize(0.5, 0.5))."""
+    array = torch.from_numpy(np.array(img, dtype=np.float32))
+    return (array.permute(2, 0, 1) / 255.0 - 0.5) / 0.5
+
+
+def train_transform(img: Image.Image, cfg: TrainConfig, rng: torch.Generator,
+                    no_crop: bool) -> torch.Tensor:
+    """Official 'resize_and_crop': PIL bicubic resize to load_size² (aspect ratio
+    not kept), random crop_size² crop, random horizontal flip. During the
+    LR-decay epochs the CUT lineage resizes straight to crop_size² instead (no
+    crop, flip kept), so the last epochs see whole images, as at test time."""
+    size = cfg.crop_size if no_crop else cfg.load_size
+    img = img.resize((size, size), Image.Resampling.BICUBIC)
+    if size > cfg.crop_size:
+        top, left = (int(torch.randint(size - cfg.crop_size + 1, (1,), generator=rng))
+                     for _ in range(2))
+        img = img.crop((left, top, left + cfg.crop_size, top + cfg.crop_size))
+    if not cfg.no_flip and float(torch.rand(1, generator=rng)) < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return to_tensor(img)
+
+
+def domain_folders(cfg: TrainConfig, phase: str = "train") -> tuple[Path, Path]:
+    """(source, target) folders; --direction BtoA swaps the domains."""
+    root = Path(cfg.dataroot)
+    a, b = root / f"{phase}A", root / f"{phase}B"
+    return (b, a) if cfg.direction == "BtoA" else (a, b)
+
+
+def list_domain(folder: Path, limit: int = 0) -> list:
+    if not folder.is_dir():
+        raise UserError(f"{folder} not found: training needs DATAROOT/trainA and DATAROOT/trainB")
+    files = find_images(folder)
+    if not files:
+        raise UserError(f"no images in {folder} (looked for {' '.join(IMAGE_EXTENSIONS)}, any case)")
+    return files[:limit] if limit > 0 else files
+
+
+class UnpairedDataset(torch.utils.data.Dataset):
+    """Items are keyed by (item seed, index, no_crop) tuples from EpochSampler."""
+
+    def __init__(self, cfg: TrainConfig):
+        if not Path(cfg.dataroot).is_dir():
+            raise UserError(f"--dataroot {cfg.dataroot} does not exist")
+        folder_a, folder_b = domain_folders(cfg)
+        self.files_a = list_domain(folder_a, cfg.max_dataset_size)
+        self.files_b = list_domain(folder_b, cfg.max_dataset_size)
+        self.cfg = cfg
+
+    def __len__(self):
+        return max(len(self.files_a), len(self.files_b))
+
+    def __getitem__(self, key):
+        item_seed, index, no_crop = key
+        rng = torch.Generator().manual_seed(item_seed)
+        if self.cfg.serial_batches:
+            index_b = index % len(self.files_b)
+        else:
+            index_b = int(torch.randint(len(self.files_b), (1,), generator=rng))
+        real_a = train_transform(load_rgb(self.files_a[index % len(self.files_a)]),
+                                 self.cfg, rng, no_crop)
+        real_b = train_transform(load_rgb(self.files_b[index_b]), self.cfg, rng, no_crop)
+        return real_a, real_b
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """One epoch's item keys: a seeded permutation (unless --serial_batches),
+    cut to whole batches (official drop_last), starting at a given batch."""
+
+    def __init__(self, n_items: int, cfg: TrainConfig, epoch: int, start_batch: int = 0):
+        self.n_items, self.cfg, self.epoch, self.start = n_items, cfg, epoch, start_batch
+        self.no_crop = epoch > cfg.n_epochs and not cfg.crop_in_decay
+
+    def __len__(self):
+        return (self.n_items // self.cfg.batch_size - self.start) * self.cfg.batch_size
+
+    def __iter__(self):
+        epoch_seed = (self.cfg.seed * 1_000_003 + self.epoch) % 2**62
+        order = (torch.arange(self.n_items) if self.cfg.serial_batches else
+                 torch.randperm(self.n_items, generator=torch.Generator().manual_seed(epoch_seed)))
+        usable = self.n_items - self.n_items % self.cfg.batch_size
+        for position in range(self.start * self.cfg.batch_size, usable):
+            yield (epoch_seed * 7_919 + position) % 2**62, int(order[position]), self.no_crop
+
+
+# -----------------------------------------------------------------------------
+# 8. The training step [core]
+# -----------------------------------------------------------------------------
+
+def build_networks(cfg: TrainConfig, device) -> dict:
+    """G, D and H, built eagerly and initialised (xavier, gain 0.02)."""
+    G = init_weights(Generator(cfg.ngf))
+    D = init_weights(Discriminator(cfg.ndf))
+    H = init_weights(ProjectionHead(G.tap_channels(cfg.layer_ids), cfg.netF_nc))
+    return {name: net.to(device) for name, net in (("G", G), ("D", D), ("H", H))}
+
+
+def build_optimizers(nets: dict, cfg: TrainConfig) -> dict:
+    """One Adam(lr, (beta1, beta2)) per trained network; no weight decay."""
+    opts = {}
+    for name, net in nets.items():
+        opts[name] = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        for group in opts[name].param_groups:
+            group["initial_lr"] = group["lr"]
+    return opts
+
+
+def cut_step(nets: dict, opts: dict, real_a, real_b, cfg: TrainConfig) -> dict:
+    """One CUT / FastCUT iteration [official CUT code, models/cut_model.py].
+
+    Plan:
+      1. Forward: y = G(x) for x = [real_a; real_b] (the identity pass rides in
+         the same batch: exact, instance norm is per image). FastCUT instead
+         flips x at random (one coin per step) and has no identity pass.
+      2. D step:  L_D = 0.5·[lsgan(D(stopgrad(fake_b)), fake) + lsgan(D(real_b), real)].
+      3. G+H step, D frozen:
+         L_G = λ_GAN·lsgan(D(fake_b), real) + 0.5·[NCE(real_a→fake_b) + NCE(real_b→idt_b)]
+         (without identity: + NCE(real_a→fake_b) alone). One backward, then
+         Adam on G and on H. The paper adds the two NCE terms; the code
+         averages them (×0.5), and the presets' λ refer to the code.
+    Shapes: real_a, real_b n×3×S×S. Returns the detached losses (no host sync)."""
+    G, D, H = nets["G"], nets["D"], nets["H"]
+    n = real_a.shape[0]
+    use_idt = cfg.nce_idt and cfg.lambda_NCE > 0
+    x = torch.cat([real_a, real_b]) if use_idt else real_a    # (2n or n)×3×S×S
+    flipped = cfg.flip_equivariance and float(torch.rand(())) < 0.5
+    if flipped:
+        x = x.flip(3)
+    y = G(x)
+    fake_b, idt_b = y[:n], y[n:]
+
+    # 2. D step: fake and real scored in one call, then split.
+    set_requires_grad(D, True)
+    opts["D"].zero_grad(set_to_none=True)
+    scores = D(torch.cat([fake_b.detach(), real_b]))          # 2n×1×h×w
+    loss_D_fake = gan_loss(scores[:n], False, cfg.gan_mode)
+    loss_D_real = gan_loss(scores[n:], True, cfg.gan_mode)
+    loss_D = 0.5 * (loss_D_fake + loss_D_real)
+    loss_D.backward()
+    opts["D"].step()
+
+    # 3. G+H step. D's weights are frozen, but the gradient flows through D into G.
+    set_requires_grad(D, False)
+    opts["G"].zero_grad(set_to_none=True)
+    opts["H"].zero_grad(set_to_none=True)
+    zero = real_a.new_zeros(())
+    loss_G_GAN = cfg.lambda_GAN * gan_loss(D(fake_b), True, cfg.gan_mode) \
+        if cfg.lambda_GAN > 0 else zero                       # λ_GAN·L_GAN(G, D, X, Y)
+    loss_NCE = nce_between(real_a, fake_b, G, H, G, H, cfg, flipped) \
+        if cfg.lambda_NCE > 0 else zero                       # λ_X·ℓ_PatchNCE(G, H, X)
+    loss_NCE_Y = nce_between(real_b, idt_b, G, H, G, H, cfg, flipped) \
+        if use_idt else zero                                  # λ_Y·ℓ_PatchNCE(G, H, Y)
+    loss_G = loss_G_GAN + (0.5 * (loss_NCE + loss_NCE_Y) if use_idt else loss_NCE)
+    loss_G.backward()
+    opts["G"].step()
+    opts["H"].step()
+    losses = dict(D_real=loss_D_real, D_fake=loss_D_fake, G_GAN=loss_G_GAN, NCE=loss_NCE,
+                  G=loss_G)
+    if use_idt:
+        losses["NCE_Y"] = loss_NCE_Y
+    return {k: v.detach() for k, v in losses.items()}
+
+
+STEPS = {"cut": cut_step, "fastcut": cut_step}
+
+
+@torch.no_grad()
+def sample_columns(nets: dict, real_a, real_b, cfg: TrainConfig) -> list:
+    """The columns of a sample grid: real_a | fake_b | real_b (| idt_b)."""
+    G = nets["G"]
+    return [real_a, G(real_a), real_b] + ([G(real_b)] if cfg.nce_idt else [])
+
+
+# -----------------------------------------------------------------------------
+# 9. The training loop, checkpoints, samples [plumbing]
+# -----------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "dcl.py checkpoint", 1
+RESUMABLE = {"n_epochs", "n_epochs_decay", "max_steps", "device", "num_threads", "print_freq",
+             "display_freq", "save_latest_freq", "save_epoch_freq", "continue_train",
+             "deterministic", "checkpoints_dir", "dataroot"}
+
+
+def lr_multiplier(epoch: int, cfg: TrainConfig) -> float:
+    """Official 'linear' policy for 1-based epoch e: 1 − max(0, e − n_epochs)/(n_epochs_decay + 1).
+    Full LR for n_epochs epochs, then linear decay; the last epoch runs at
+    lr/(n_epochs_decay + 1): the official schedule never reaches 0 (Q10)."""
+    return 1.0 - max(0, epoch - cfg.n_epochs) / (cfg.n_epochs_decay + 1)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj, path: Path) -> None:
+    """Write to a temporary file, flush it to disk, then rename over the old
+    file: a crash at any moment leaves either the old or the new checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: Path, nets: dict, cfg: TrainConfig, opts: dict | None = None,
+                    counters: dict | None = None) -> None:
+    """One dict of tensors and plain values (loadable with weights_only=True).
+    With opts and counters it holds everything a run needs to continue;
+    without, it is a weights snapshot that translate can still use."""
+    ckpt = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "mode": cfg.mode,
+            "config": dataclasses.asdict(cfg),
+            "nets": {name: net.state_dict() for name, net in nets.items()}}
+    if opts is not None:
+        ckpt.update(optimizers={name: o.state_dict() for name, o in opts.items()},
+                    rng=rng_state(), **counters)
+    atomic_save(ckpt, path)
+
+
+def read_checkpoint(path) -> dict:
+    """Load a checkpoint safely (tensors and plain values only) or explain why not."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+        raise UserError(f"{path} is not a readable checkpoint ({reason})") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path} is not a checkpoint (it holds a {type(ckpt).__name__})")
+    if ckpt.get("format") == CHECKPOINT_FORMAT and ckpt.get("version") != CHECKPOINT_VERSION:
+        raise UserError(f"{path} is a version {ckpt.get('version')} checkpoint; this dcl.py "
+                        f"reads version {CHECKPOINT_VERSION}")
+    return ckpt
+
+
+def load_state(net: nn.Module, state: dict, what: str) -> None:
+    """strict=True loading with a short, readable key diff on failure."""
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        own, given = set(net.state_dict()), set(state)
+        missing, unexpected = sorted(own - given)[:3], sorted(given - own)[:3]
+        detail = (f"missing {missing}, unexpected {unexpected}" if missing or unexpected
+                  else str(error).strip().splitlines()[-1].strip()[:160])
+        raise UserError(f"{what} does not fit this network: {detail}") from None
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, hours, minutes = seconds // 86400, seconds // 3600 % 24, seconds // 60 % 60
+    if days:
+        return f"{days}d{hours:02d}h"
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds % 60:02d}s"
+
+
+class Meter:
+    """Sums losses on the device between log steps, so the step itself never
+    waits for the GPU; the means are read once per log step."""
+
+    def __init__(self):
+        self.sums, self.count, self.start, self.data_time = {}, 0, time.perf_counter(), 0.0
+
+    def add(self, losses: dict) -> None:
+        for k, v in losses.items():
+            self.sums[k] = self.sums.get(k, 0) + v
+        self.count += 1
+
+    def read(self) -> tuple[dict, float, float]:
+        """(mean losses, steps per second, fraction of time spent waiting for data); resets."""
+        elapsed = time.perf_counter() - self.start
+        means = {k: float(v) / self.count for k, v in self.sums.items()}
+        speed, waiting = self.count / elapsed, self.data_time / elapsed
+        self.__init__()
+        return means, speed, waiting
+
+
+def fixed_samples(cfg: TrainConfig, count: int = 4) -> tuple:
+    """A few held-out inputs (testA/testB if present, else the first training
+    images), resized without crop or flip, as translate would see them."""
+    batches = []
+    for test_folder, train_folder in zip(domain_folders(cfg, "test"), domain_folders(cfg)):
+        files = find_images(test_folder) if test_folder.is_dir() else []
+        files = (files or find_images(train_folder))[:count]
+        images = [load_rgb(p).resize((cfg.crop_size,) * 2, Image.Resampling.BICUBIC) for p in files]
+        batches.append(torch.stack([to_tensor(img) for img in images]))
+    n = min(len(batches[0]), len(batches[1]))
+    return batches[0][:n], batches[1][:n]
+
+
+def save_samples(nets, samples, cfg, device, path: Path) -> None:
+    """One row per fixed input, one column per visual (see sample_columns)."""
+    columns = sample_columns(nets, samples[0].to(device), samples[1].to(device), cfg)
+    grid = torch.stack(columns, dim=1).flatten(0, 1)          # (rows·cols)×3×S×S
+    save_image(grid.float().cpu() * 0.5 + 0.5, path, nrow=len(columns), padding=2)
+
+
+def describe_config(cfg: TrainConfig, source: dict) -> str:
+    lines = [f"  {f.name:<18} {getattr(cfg, f.name)!s:<24}"
+             + (f" ({source[f.name]})" if f.name in source else "") for f in fields(cfg)]
+    return "config (official default, or from (mode) preset, (demo) or (flag)):\n" + "\n".join(lines)
+
+
+def write_run_info(run_dir: Path, cfg: TrainConfig, device: torch.device, argv: list) -> None:
+    """config.json, plus versions and this file's SHA-256 in env.txt, so every
+    run folder says exactly what produced it."""
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    source_hash = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
+    with open(run_dir / "env.txt", "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  python {platform.python_version()}  "
+                f"torch {torch.__version__}  cuda {torch.version.cuda}  gpu {gpu}  "
+                f"dcl.py sha256 {source_hash}\n  argv: {' '.join(argv)}\n")
+
+
+def train(cfg: TrainConfig, source: dict, argv: list) -> int:
+    device = pick_device(cfg.device)
+    run_dir = Path(cfg.checkpoints_dir) / cfg.name
+    latest = run_dir / "ckpt_latest.pt"
+    resume = read_checkpoint(latest) if cfg.continue_train else None
+    if resume is not None:
+        cfg = resume_config(resume, cfg, source, latest)
+    elif latest.exists():
+        raise UserError(f"{latest} exists: add --continue_train to continue that run, "
+                        "or choose another --name")
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = not cfg.deterministic
+    seed_everything(cfg.seed)
+    dataset = UnpairedDataset(cfg)
+    steps_per_epoch = len(dataset) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"--batch_size {cfg.batch_size} is larger than the dataset ({len(dataset)})")
+    samples = fixed_samples(cfg)
+    nets = build_networks(cfg, device)
+    opts = build_optimizers(nets, cfg)
+    step, epoch, epoch_step = 0, 1, 0
+    if resume is not None:
+        for name in nets:
+            load_state(nets[name], resume["nets"][name], f"{latest} ({name})")
+            opts[name].load_state_dict(resume["optimizers"][name])
+        step, epoch, epoch_step = resume["step"], resume["epoch"], resume["epoch_step"]
+        set_rng_state(resume["rng"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "samples").mkdir(exist_ok=True)
+    write_run_info(run_dir, cfg, device, argv)
+
+    print(describe_config(cfg, source))
+    print("networks: " + ", ".join(f"{k} {count_parameters(v) / 1e6:.3f}M" for k, v in nets.items()))
+    total_steps = cfg.total_epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    print(f"data: {len(dataset.files_a)} A, {len(dataset.files_b)} B images, {steps_per_epoch} "
+          f"steps per epoch, batch {cfg.batch_size}; device {device}; run folder {run_dir}")
+    print(f"schedule: lr {cfg.lr:g} for epochs 1-{cfg.n_epochs}, then linear decay over "
+          f"{cfg.n_epochs_decay} epochs{', no random crop' if not cfg.crop_in_decay else ''}; "
+          f"{total_steps} steps in all" + (f", resuming at step {step}" if step else ""))
+    if "dataroot" not in source or source["dataroot"] != "flag":
+        print(f"No --dataroot: training on the bundled set in {BUNDLED_DATA} with demo settings. "
+              f"Watch {run_dir / 'samples'}: a 2-core CPU shows the translation within ~10 minutes.")
+
+    step_fn, meter = STEPS[cfg.mode], Meter()
+    log = open(run_dir / "log.jsonl", "a")
+    tty, last_print = sys.stdout.isatty(), 0.0
+    stop = install_stop_handlers()
+    counters = lambda: dict(step=step, epoch=epoch, epoch_step=epoch_step)  # noqa: E731
+    finished = False
+    try:
+        while epoch <= cfg.total_epochs and not finished:
+            lr_now = cfg.lr * lr_multiplier(epoch, cfg)
+            for opt in opts.values():
+                for group in opt.param_groups:
+                    group["lr"] = group["initial_lr"] * lr_multiplier(epoch, cfg)
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_size=cfg.batch_size, num_workers=cfg.num_threads,
+                sampler=EpochSampler(len(dataset), cfg, epoch, epoch_step),
+                drop_last=True, pin_memory=device.type == "cuda",
+                generator=torch.Generator())                  # keeps the global RNG untouched
+            batches = iter(loader)
+            while True:
+                wait = time.perf_counter()
+                try:
+                    real_a, real_b = next(batches)
+                except StopIteration:
+                    break
+                except UserError as error:                    # re-raised from a worker: keep its last line
+                    raise UserError(str(error).strip().splitlines()[-1].partition(": ")[2]
+                                    if "\n" in str(error).strip() else str(error)) from None
+                meter.data_time += time.perf_counter() - wait
+                losses = step_fn(nets, opts, real_a.to(device, non_blocking=True),
+                                 real_b.to(device, non_blocking=True), cfg)
+                meter.add(losses)
+                step, epoch_step = step + 1, epoch_step + 1
+                finished = bool(cfg.max_steps) and step >= cfg.max_steps
+                log_now = step % cfg.print_freq == 0 or finished
+                if log_now or (tty and time.perf_counter() - last_print > 1.0):
+                    last_print = time.perf_counter()
+                    report(meter, log if log_now else None, cfg, step, epoch, epoch_step,
+                           steps_per_epoch, total_steps, lr_now, device, tty, log_now)
+                if step % cfg.display_freq == 0:
+                    save_samples(nets, samples, cfg, device, run_dir / "samples" / f"step_{step:07d}.png")
+                if step % cfg.save_latest_freq == 0:
+                    save_checkpoint(latest, nets, cfg, opts, counters())
+                if finished or stop["signal"]:
+                    break
+            if epoch_step == steps_per_epoch:                 # the epoch ran to its end
+                if epoch % cfg.save_epoch_freq == 0:
+                    save_checkpoint(run_dir / f"ckpt_epoch_{epoch:03d}.pt", nets, cfg)
+                    save_samples(nets, samples, cfg, device, run_dir / "samples" / f"epoch_{epoch:03d}.png")
+                epoch, epoch_step = epoch + 1, 0
+            if stop["signal"]:
+                break
+    finally:
+        log.close()
+        if tty:
+            print()
+    save_checkpoint(latest, nets, cfg, opts, counters())
+    save_samples(nets, samples, cfg, device, run_dir / "samples" / "latest.png")
+    resume_cmd = f"python dcl.py train --name {cfg.name} --checkpoints_dir {cfg.checkpoints_dir} --continue_train"
+    if stop["signal"]:
+        print(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved. Resume with:\n  {resume_cmd}")
+        return 128 + stop["signal"]
+    print(f"done: {step} steps; checkpoint {latest}, samples in {run_dir / 'samples'}. "
+          f"To train longer: {resume_cmd} --n_epochs N")
+    return 0
+
+
+def report(meter, log, cfg, step, epoch, epoch_step, steps_per_epoch, total_steps, lr_now,
+           device, tty, log_now) -> None:
+    """The progress line (in place on a terminal) and, at log steps, a JSON row."""
+    means, speed, waiting = meter.read()
+    bad = [k for k, v in means.items() if not math.isfinite(v)]
+    if bad:
+        raise UserError(f"loss {bad[0]} is {means[bad[0]]} at step {step} (epoch {epoch}); the "
+                        "last checkpoint was kept. Try a lower --lr or check the data")
+    losses = " ".join(f"{k} {v:.3f}" for k, v in means.items())
+    memory = f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f}G" if device.type == "cuda" else ""
+    line = (f"[{cfg.mode}] ep {epoch}/{cfg.total_epochs} it {epoch_step}/{steps_per_epoch} | "
+            f"{speed:.2f} it/s | eta {format_duration((total_steps - step) / speed)} | "
+            f"lr {lr_now:.1e} | {losses}" + (f" | data {waiting:.0%}" if waiting > 0.1 else "") + memory)
+    if tty:
+        print("\r" + line[:shutil_columns()].ljust(shutil_columns()), end="\n" if log_now else "", flush=True)
+    elif log_now:
+        print(line, flush=True)
+    if log is not None:
+        log.write(json.dumps(dict(step=step, epoch=epoch, lr=lr_now, **means, it_per_s=speed,
+                                  time=time.time())) + "\n")
+        log.flush()
+
+
+def shutil_columns() -> int:
+    return max(40, os.get_terminal_size().columns - 1) if sys.stdout.isatty() else 200
+
+
+def install_stop_handlers() -> dict:
+    """Ctrl-C or SIGTERM finishes the current step, saves, and says how to
+    resume; a second Ctrl-C stops at once."""
+    stop = {"signal": 0}
+
+    def handler(signum, frame):
+        if stop["signal"]:
+            raise KeyboardInterrupt
+        stop["signal"] = signum
+    try:
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:                                        # not the main thread (e.g. in a test)
+        pass
+    return stop
+
+
+def resume_config(ckpt: dict, cfg: TrainConfig, source: dict, path: Path) -> TrainConfig:
+    """The stored config, with only schedule and plumbing flags changeable."""
+    if ckpt.get("format") != CHECKPOINT_FORMAT or "optimizers" not in ckpt:
+        raise UserError(f"{path} is not a resumable dcl.py checkpoint")
+    stored = TrainConfig(**ckpt["config"])
+    for flag in source:
+        if source[flag] == "flag" and flag not in RESUMABLE and getattr(cfg, flag) != getattr(stored, flag):
+            raise UserError(f"--{flag} cannot change when continuing {path} "
+                            f"(stored: {getattr(stored, flag)}); only "
+                            f"{', '.join(sorted(RESUMABLE - {'continue_train'}))} can")
+    changes = {f: getattr(cfg, f) for f in source if source[f] == "flag" and f in RESUMABLE}
+    cfg = dataclasses.replace(stored, **changes)
+    cfg.validate()
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# 10. Translate [plumbing]
+# -----------------------------------------------------------------------------
+# G is fully convolutional, so it translates any size: reflect-pad to a
+# multiple of 4 (two halvings and two doublings), translate, crop back.
+
+def load_generator(path, mode: str | None, direction: str, device) -> nn.Module:
+    """A trained G from a dcl.py checkpoint (config inside), or from an official
+    CUT `latest_net_G.pth` state dict given --mode."""
+    ckpt = read_checkpoint(path)
+    if ckpt.get("format") == CHECKPOINT_FORMAT:
+        mode, cfg, state = ckpt["mode"], TrainConfig(**ckpt["config"]), ckpt["nets"]["G"]
+    elif "model.1.weight" in ckpt:
+        if mode is None:
+            raise UserError(f"{path} is an official state dict: say which method made it with "
+                            f"--mode ({', '.join(MODES)})")
+        state = ckpt
+        cfg = TrainConfig(mode=mode, ngf=state["model.1.weight"].shape[0], **MODES[mode])
+    else:
+        raise UserError(f"{path} is neither a dcl.py checkpoint nor an official generator state dict")
+    if direction == "BtoA":
+        raise UserError(f"mode {mode} trains one generator (A to B); it cannot translate BtoA. "
+                        "Train with --direction BtoA for the other way")
+    G = Generator(cfg.ngf)
+    load_state(G, state, str(path))
+    return G.to(device).eval()
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """3×H×W in [−1, 1] -> H×W×3 uint8 exactly as the official tensor2im:
+    (x + 1)/2·255, truncated, not rounded."""
+    array = (image.float().clamp(-1, 1).cpu().numpy().transpose(1, 2, 0) + 1) / 2.0 * 255.0
+    return array.astype(np.uint8)
+
+
+@torch.no_grad()
+def translate(args) -> int:
+    device = pick_device(args.device)
+    source, output = Path(args.input), Path(args.output)
+    if not source.exists():
+        raise UserError(f"--input {source} does not exist")
+    files = [source] if source.is_file() else find_images(source)
+    if not files:
+        raise UserError(f"no images in {source} (looked for {' '.join(IMAGE_EXTENSIONS)}, any case)")
+    if source.is_dir() and output.resolve() == source.resolve():
+        raise UserError(f"--output {output} is the input folder; choose another")
+    G = load_generator(args.checkpoint, args.mode, args.direction, device)
+    written = 0
+    for path in files:
+        img = load_rgb(path)
+        if args.resize:                                       # official test protocol: square bicubic
+            img = img.resize((args.resize, args.resize), Image.Resampling.BICUBIC)
+        x = to_tensor(img)[None].to(device)                   # 1×3×h×w
+        h, w = x.shape[2:]
+        if min(h, w) < 8:
+            raise UserError(f"{path} is {w}x{h}; images need at least 8 pixels per side")
+        x = F.pad(x, (0, -w % 4, 0, -h % 4), mode="reflect")  # to a multiple of 4
+        y = G(x)[0, :, :h, :w]
+        relative = path.relative_to(source) if source.is_dir() else Path(path.name)
+        target = output / relative.with_suffix(".png")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(to_uint8(y)).save(target)
+        except OSError as error:
+            raise UserError(f"cannot write {target}: {error.strerror or error}") from None
+        written += 1
+    print(f"translated {written} image{'s' * (written != 1)} into {output}")
+    return 0
+
+
+# -----------------------------------------------------------------------------
+# 11. Command line [plumbing]
+# -----------------------------------------------------------------------------
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):                                 # one line, exit 2, no usage dump
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="dcl.py", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    train_parser = commands.add_parser("train", help="train a model (see --mode)")
+    for f in fields(TrainConfig):                             # one flag per config field, official names
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f.metadata["help"]
+                  + f" (default {f.default!r})")
+        if isinstance(f.default, bool):                      # --flag, --flag true, --flag false
+            kw.update(nargs="?", const=True, type=parse_bool, metavar="BOOL")
+        else:
+            kw.update(type=type(f.default), choices=f.metadata.get("choices"))
+        train_parser.add_argument(f"--{f.name}", *f.metadata.get("aliases", ()), **kw)
+    tr = commands.add_parser("translate", help="translate an image or a folder with a trained G")
+    tr.add_argument("--checkpoint", required=True, help="a dcl.py checkpoint, or an official "
+                    "latest_net_G.pth with --mode")
+    tr.add_argument("--input", required=True, help="an image, or a folder (searched recursively)")
+    tr.add_argument("--output", required=True, help="folder for the results (relative paths "
+                    "kept, written as .png)")
+    tr.add_argument("--mode", choices=tuple(MODES), default=None,
+                    help="the method an official state dict came from")
+    tr.add_argument("--direction", choices=("AtoB", "BtoA"), default="AtoB")
+    tr.add_argument("--resize", type=int, default=0, help="resize to this square first "
+                    "(256 = the official test protocol); 0 = native resolution")
+    tr.add_argument("--device", default="auto")
+    return parser
+
+
+def main(argv: list | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "translate":
+            return translate(args)
+        flags = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+        cfg, source = resolve_config(flags)
+        return train(cfg, source, ["dcl.py"] + argv)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
