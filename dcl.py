@@ -101,6 +101,7 @@ import random
 import signal
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -134,7 +135,7 @@ MODES = {
 # settings a 2-core CPU runs at several steps per second: 64-pixel crops and a
 # quarter-width network. The method (losses, layers, step) is unchanged.
 BUNDLED_DATA = Path(__file__).resolve().parent / "data"
-DEMO = dict(load_size=72, crop_size=64, ngf=16, ndf=16, netF_nc=64,
+DEMO = dict(load_size=72, crop_size=64, ngf=16, ndf=16,
             n_epochs=6, n_epochs_decay=2, print_freq=25, display_freq=100,
             save_latest_freq=500, save_epoch_freq=1, num_threads=1)
 
@@ -511,8 +512,8 @@ def patch_nce_loss(feat_q: torch.Tensor, feat_k: torch.Tensor, n_images: int,
     in fp32 (the README's −inf, same value). Why same-image negatives: other
     patches of one image share its style, so the only way to tell the positive
     apart is content, which is exactly what the translation must keep."""
-    feat_k = feat_k.detach().float()
-    feat_q = feat_q.float()                                   # logits in fp32: 1/τ ≈ 14 amplifies rounding
+    dtype = torch.promote_types(feat_q.dtype, torch.float32)  # logits in fp32 at least: 1/τ ≈ 14
+    feat_k, feat_q = feat_k.detach().to(dtype), feat_q.to(dtype)  # amplifies rounding errors
     l_pos = (feat_q * feat_k).sum(dim=1, keepdim=True)        # (n·S)×1
     q = feat_q.view(n_images, -1, feat_q.shape[1])            # n×S×E
     k = feat_k.view(n_images, -1, feat_k.shape[1])            # n×S×E
@@ -534,7 +535,8 @@ def nce_between(source, output, G_key, H_key, G_query, H_query, cfg: TrainConfig
     same function serves methods that embed each domain with its own encoder.
     flip_back (FastCUT): the output was made from a flipped input; flipping
     its feature maps back lines them up with the unflipped source's, so the
-    loss asks for G(flip(x)) = flip(G(x))."""
+    loss asks for G(flip(x)) = flip(G(x)). (After a stride-2 subsampling the
+    flipped grid is offset by one pixel; the official code has the same.)"""
     layer_ids = cfg.layer_ids
     feat_q = G_query.encode(output, layer_ids)                # L maps n×C_l×H_l×W_l
     if flip_back:
@@ -654,12 +656,13 @@ class EpochSampler(torch.utils.data.Sampler):
         return (self.n_items // self.cfg.batch_size - self.start) * self.cfg.batch_size
 
     def __iter__(self):
-        epoch_seed = (self.cfg.seed * 1_000_003 + self.epoch) % 2**62
-        order = (torch.arange(self.n_items) if self.cfg.serial_batches else
-                 torch.randperm(self.n_items, generator=torch.Generator().manual_seed(epoch_seed)))
+        seed = lambda *key: int.from_bytes(  # noqa: E731 - a 62-bit hash of the key
+            hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little") >> 2
+        order = (torch.arange(self.n_items) if self.cfg.serial_batches else torch.randperm(
+            self.n_items, generator=torch.Generator().manual_seed(seed(self.cfg.seed, self.epoch))))
         usable = self.n_items - self.n_items % self.cfg.batch_size
         for position in range(self.start * self.cfg.batch_size, usable):
-            yield (epoch_seed * 7_919 + position) % 2**62, int(order[position]), self.no_crop
+            yield seed(self.cfg.seed, self.epoch, position), int(order[position]), self.no_crop
 
 
 # -----------------------------------------------------------------------------
@@ -968,9 +971,9 @@ def train(cfg: TrainConfig, source: dict, argv: list) -> int:
     print(f"data: {len(dataset.files_a)} A, {len(dataset.files_b)} B images, {steps_per_epoch} "
           f"steps per epoch, batch {cfg.batch_size}; device {device}; run folder {run_dir}")
     print(f"schedule: lr {cfg.lr:g} for epochs 1-{cfg.n_epochs}, then linear decay over "
-          f"{cfg.n_epochs_decay} epochs{', no random crop' if not cfg.crop_in_decay else ''}; "
+          f"{cfg.n_epochs_decay} epochs{' without random crops' if not cfg.crop_in_decay else ''}; "
           f"{total_steps} steps in all" + (f", resuming at step {step}" if step else ""))
-    if "dataroot" not in source or source["dataroot"] != "flag":
+    if source.get("dataroot") != "flag":
         print(f"No --dataroot: training on the bundled set in {BUNDLED_DATA} with demo settings. "
               f"Watch {run_dir / 'samples'}: a 2-core CPU shows the translation within ~10 minutes.")
 
@@ -979,7 +982,7 @@ def train(cfg: TrainConfig, source: dict, argv: list) -> int:
     tty, last_print = sys.stdout.isatty(), 0.0
     stop = install_stop_handlers()
     counters = lambda: dict(step=step, epoch=epoch, epoch_step=epoch_step)  # noqa: E731
-    finished = False
+    finished = bool(cfg.max_steps) and step >= cfg.max_steps
     try:
         while epoch <= cfg.total_epochs and not finished:
             lr_now = cfg.lr * lr_multiplier(epoch, cfg)
@@ -1035,8 +1038,9 @@ def train(cfg: TrainConfig, source: dict, argv: list) -> int:
     if stop["signal"]:
         print(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved. Resume with:\n  {resume_cmd}")
         return 128 + stop["signal"]
+    more = "--max_steps M (or 0 for every epoch)" if cfg.max_steps else "--n_epochs N"
     print(f"done: {step} steps; checkpoint {latest}, samples in {run_dir / 'samples'}. "
-          f"To train longer: {resume_cmd} --n_epochs N")
+          f"To train longer: {resume_cmd} {more}")
     return 0
 
 
@@ -1147,8 +1151,13 @@ def translate(args) -> int:
     if source.is_dir() and output.resolve() == source.resolve():
         raise UserError(f"--output {output} is the input folder; choose another")
     G = load_generator(args.checkpoint, args.mode, args.direction, device)
+    relative = [p.relative_to(source) if source.is_dir() else Path(p.name) for p in files]
+    targets = [r.with_suffix(".png") for r in relative]
+    clashes = {t for t, c in Counter(targets).items() if c > 1}  # x.jpg and x.png: keep both
+    targets = [output / (r.with_name(r.name + ".png") if t in clashes else t)
+               for r, t in zip(relative, targets)]
     written = 0
-    for path in files:
+    for path, target in zip(files, targets):
         img = load_rgb(path)
         if args.resize:                                       # official test protocol: square bicubic
             img = img.resize((args.resize, args.resize), Image.Resampling.BICUBIC)
@@ -1158,8 +1167,6 @@ def translate(args) -> int:
             raise UserError(f"{path} is {w}x{h}; images need at least 8 pixels per side")
         x = F.pad(x, (0, -w % 4, 0, -h % 4), mode="reflect")  # to a multiple of 4
         y = G(x)[0, :, :h, :w]
-        relative = path.relative_to(source) if source.is_dir() else Path(path.name)
-        target = output / relative.with_suffix(".png")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(to_uint8(y)).save(target)
