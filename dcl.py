@@ -129,7 +129,34 @@ MODES = {
     # flip-equivariance instead, 150 + 50 epochs (official --CUT_mode FastCUT).
     "fastcut": dict(lambda_NCE=10.0, nce_idt=False, flip_equivariance=True,
                     n_epochs=150, n_epochs_decay=50),
+    # DCLGAN (official --model dcl): two generators, two discriminators, two
+    # heads; hinge loss; negatives from the whole batch; L1 identity. The code
+    # halves every term of the paper's Eq. 8 (λ_NCE 2 × 0.5 = 1 per direction)
+    # and trains the heads with Adam's defaults, lr 1e-3 and beta1 0.9 (Q17).
+    # Paper setting: --lr 1e-4 --n_epochs 200 --n_epochs_decay 200 (400 in all).
+    "dcl": dict(nce_layers="4,8,12,16", gan_mode="hinge", lambda_NCE=2.0, nce_idt=False,
+                lambda_IDT=1.0, nce_includes_all_negatives_from_minibatch=True,
+                lr_H=1e-3, beta1_H=0.9),
+    # SimDCL (official --model simdcl): DCLGAN plus the similarity loss on four
+    # mapping heads, λ_SIM 10. The official code declares λ_NCE 2 but never
+    # applies it: 0.5 per direction, i.e. λ_NCE 1 in our formula (Q25). Its
+    # heads use --lr and --beta1. Paper setting: --n_epochs 100 --n_epochs_decay 100.
+    "simdcl": dict(nce_layers="4,8,12,16", gan_mode="hinge", lambda_NCE=1.0, nce_idt=False,
+                   lambda_IDT=1.0, lambda_SIM=10.0, nce_includes_all_negatives_from_minibatch=True),
+    # CycleGAN (upstream pytorch-CycleGAN-and-pix2pix): strided and transposed
+    # convs, N(0, 0.02) init, cycle weight 10, identity 0.5 (× 10), a pool of
+    # 50 old fakes for D, 100 + 100 epochs, random crops throughout.
+    "cyclegan": dict(nce_idt=False, lambda_NCE=0.0, lambda_IDT=0.5, pool_size=50,
+                     init_type="normal", no_antialias=True, no_antialias_up=True,
+                     n_epochs=100, n_epochs_decay=100, crop_in_decay=True),
 }
+# Which networks each mode trains. Names: G_ab maps A to B; D_b judges B
+# images (official D_A); H_a embeds A images (official F1); M_* are SimDCL's
+# mapping heads for real/fake A/B sets (official F3..F6); pool_* keep old fakes.
+NETWORKS = {"cut": ("G", "D", "H"), "fastcut": ("G", "D", "H"),
+            "dcl": ("G_ab", "G_ba", "D_a", "D_b", "H_a", "H_b"),
+            "simdcl": ("G_ab", "G_ba", "D_a", "D_b", "H_a", "H_b", "M_ra", "M_fb", "M_rb", "M_fa"),
+            "cyclegan": ("G_ab", "G_ba", "D_a", "D_b", "pool_a", "pool_b")}
 
 # Without --dataroot we train on the bundled 96x96 two-domain set in data/ with
 # settings a 2-core CPU runs at several steps per second: 64-pixel crops and a
@@ -167,6 +194,10 @@ class TrainConfig:
     # model
     ngf: int = _opt(64, "generator width (channels of its first conv)")
     ndf: int = _opt(64, "discriminator width")
+    no_antialias: bool = _opt(False, "strided convs instead of blur + subsample in G and D")
+    no_antialias_up: bool = _opt(False, "transposed convs instead of upsample + blur in G")
+    init_type: str = _opt("xavier", "weight init, both with gain/std 0.02",
+                          choices=("xavier", "normal"))
     netF_nc: int = _opt(256, "E: width of the projection head H")
     nce_layers: str = _opt("0,4,8,12,16", "indices of G.model tapped for PatchNCE, ascending")
     num_patches: int = _opt(256, "S: patches sampled per layer and image")
@@ -176,14 +207,24 @@ class TrainConfig:
     lambda_NCE: float = _opt(1.0, "weight of the PatchNCE loss")
     nce_idt: bool = _opt(True, "also apply PatchNCE to y -> G(y) (identity)")
     nce_T: float = _opt(0.07, "tau: the PatchNCE temperature")
+    nce_includes_all_negatives_from_minibatch: bool = _opt(
+        False, "PatchNCE negatives from every image of the batch, not only the same one")
+    lambda_IDT: float = _opt(0.0, "weight of the L1 identity loss |G(y) − y| (CycleGAN: "
+                             "× lambda_A/lambda_B, as upstream's --lambda_identity)")
+    lambda_SIM: float = _opt(0.0, "SimDCL: weight of the similarity loss")
+    lambda_A: float = _opt(10.0, "CycleGAN: weight of the cycle loss |G_ba(G_ab(a)) − a|")
+    lambda_B: float = _opt(10.0, "CycleGAN: weight of the cycle loss |G_ab(G_ba(b)) − b|")
+    pool_size: int = _opt(0, "CycleGAN: D sees fakes from a pool of this many earlier ones")
     flip_equivariance: bool = _opt(False, "FastCUT's flip equivariance: flip the input "
                                    "at random and flip G's features back")
     # optimisation
     n_epochs: int = _opt(200, "epochs at the initial learning rate")
     n_epochs_decay: int = _opt(200, "epochs of linear decay after those")
-    lr: float = _opt(2e-4, "Adam learning rate of G, D and H")
+    lr: float = _opt(2e-4, "Adam learning rate of G, D (and H, see lr_H)")
     beta1: float = _opt(0.5, "Adam beta1")
     beta2: float = _opt(0.999, "Adam beta2")
+    lr_H: float = _opt(0.0, "Adam lr of the heads (0 = --lr)")
+    beta1_H: float = _opt(-1.0, "Adam beta1 of the heads (−1 = --beta1)")
     batch_size: int = _opt(1, "images per domain per step (the papers use 1)")
     # run
     name: str = _opt("", "run name; the run folder is checkpoints_dir/name "
@@ -316,13 +357,16 @@ class ResnetBlock(nn.Module):
         return x + self.conv_block(x)
 
 
-def init_weights(net: nn.Module, gain: float = 0.02) -> nn.Module:
-    """xavier_normal with gain 0.02 for every conv and linear weight, biases 0
-    (official --init_type xavier --init_gain 0.02). std = 0.02·√(2/(fan_in+fan_out)),
-    so an untrained G outputs an almost uniform grey."""
+def init_weights(net: nn.Module, init_type: str = "xavier", gain: float = 0.02) -> nn.Module:
+    """Every conv and linear weight, biases 0. CUT lineage (--init_type xavier
+    --init_gain 0.02): xavier_normal, std = 0.02·√(2/(fan_in+fan_out)), so an
+    untrained G outputs an almost uniform grey. Upstream CycleGAN: N(0, 0.02²)."""
     for module in net.modules():
         if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-            nn.init.xavier_normal_(module.weight, gain=gain)
+            if init_type == "xavier":
+                nn.init.xavier_normal_(module.weight, gain=gain)
+            else:
+                nn.init.normal_(module.weight, 0.0, gain)
             nn.init.zeros_(module.bias)
     return net
 
@@ -351,20 +395,27 @@ def set_requires_grad(net: nn.Module, flag: bool) -> None:
 #  29-31 ReflectionPad2d(3), conv7 64→3, Tanh             3×256×256
 # The taps' receptive fields are 1, 9, 15, 35 and 99 pixels: from single
 # pixels to object parts, which is why PatchNCE uses several layers.
+# --no_antialias makes each down step one stride-2 conv (3 entries, not 4),
+# --no_antialias_up each up step one transposed conv: both together give the
+# 28-entry upstream CycleGAN generator (keys model.{1,4,7,10..18,19,22,26}).
+# The parameter count is the same; the layer indices are not.
 
 class Generator(nn.Module):
-    def __init__(self, ngf: int = 64, n_blocks: int = 9):
+    def __init__(self, ngf: int = 64, antialias: bool = True, antialias_up: bool = True,
+                 n_blocks: int = 9):
         super().__init__()
         layers = [nn.ReflectionPad2d(3), nn.Conv2d(3, ngf, 7), norm(ngf), nn.ReLU(True)]
         for mult in (1, 2):                                   # 2 × (conv, IN, ReLU, blur-down)
             c = ngf * mult
-            layers += [nn.Conv2d(c, 2 * c, 3, padding=1), norm(2 * c), nn.ReLU(True),
-                       Downsample(2 * c)]
+            layers += ([nn.Conv2d(c, 2 * c, 3, padding=1), norm(2 * c), nn.ReLU(True),
+                        Downsample(2 * c)] if antialias else
+                       [nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), norm(2 * c), nn.ReLU(True)])
         layers += [ResnetBlock(4 * ngf) for _ in range(n_blocks)]
         for mult in (4, 2):                                   # 2 × (blur-up, conv, IN, ReLU)
             c = ngf * mult
-            layers += [Upsample(c), nn.Conv2d(c, c // 2, 3, padding=1), norm(c // 2),
-                       nn.ReLU(True)]
+            layers += ([Upsample(c), nn.Conv2d(c, c // 2, 3, padding=1)] if antialias_up else
+                       [nn.ConvTranspose2d(c, c // 2, 3, stride=2, padding=1, output_padding=1)])
+            layers += [norm(c // 2), nn.ReLU(True)]
         layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, 3, 7), nn.Tanh()]
         self.model = nn.Sequential(*layers)
 
@@ -405,6 +456,7 @@ class Generator(nn.Module):
 # it judges texture and local structure, not global layout. The CUT code
 # replaces each stride-2 conv by conv-stride-1 + Downsample, which widens the
 # receptive field to 84x84 but keeps the 30x30 output at 256x256 input.
+# (--no_antialias: upstream's stride-2 convs, keys model.{0,2,5,8,11}.)
 #   0-2  conv4 3→64, LReLU(0.2), Downsample                 64×128×128
 #   3-6  conv4 64→128, IN, LReLU, Downsample                128×64×64
 #   7-10 conv4 128→256, IN, LReLU, Downsample               256×32×32
@@ -412,13 +464,15 @@ class Generator(nn.Module):
 #   14   conv4 512→1 (no sigmoid: the GAN loss decides)     1×30×30
 
 class Discriminator(nn.Module):
-    def __init__(self, ndf: int = 64):
+    def __init__(self, ndf: int = 64, antialias: bool = True):
         super().__init__()
-        layers = [nn.Conv2d(3, ndf, 4, padding=1), nn.LeakyReLU(0.2, True), Downsample(ndf)]
+        down = lambda c: [Downsample(c)] if antialias else []  # noqa: E731
+        stride = 1 if antialias else 2
+        layers = [nn.Conv2d(3, ndf, 4, stride, padding=1), nn.LeakyReLU(0.2, True), *down(ndf)]
         for mult in (1, 2):
             c = ndf * mult
-            layers += [nn.Conv2d(c, 2 * c, 4, padding=1), norm(2 * c), nn.LeakyReLU(0.2, True),
-                       Downsample(2 * c)]
+            layers += [nn.Conv2d(c, 2 * c, 4, stride, padding=1), norm(2 * c),
+                       nn.LeakyReLU(0.2, True), *down(2 * c)]
         layers += [nn.Conv2d(4 * ndf, 8 * ndf, 4, padding=1), norm(8 * ndf),
                    nn.LeakyReLU(0.2, True), nn.Conv2d(8 * ndf, 1, 4, padding=1)]
         self.model = nn.Sequential(*layers)
@@ -463,6 +517,56 @@ class ProjectionHead(nn.Module):
             out.append(z / (z.norm(dim=1, keepdim=True) + 1e-7))  # official: eps added, not clamped
             ids_out.append(ids)
         return out, ids_out
+
+
+class MappingHead(nn.Module):
+    """SimDCL's light head (official MappingF, 10,688 parameters): it reads the
+    L sampled and projected patch sets of one image as an L-channel S×E
+    "image" and summarises them in one unit 64-vector, an embedding of the
+    whole image that the similarity loss compares across domains.
+    n×L×S×E -> n×64. Keys model.0 (conv), model.4, model.6 (linears)."""
+
+    def __init__(self, n_layers: int = 4, width: int = 64):
+        super().__init__()
+        self.model = nn.Sequential(nn.Conv2d(n_layers, width, 3, stride=2), nn.ReLU(),
+                                   nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                   nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
+
+    def forward(self, stack):
+        z = self.model(stack)
+        return z / (z.norm(dim=1, keepdim=True) + 1e-7)
+
+
+class ImagePool(nn.Module):
+    """CycleGAN's history of generated images (Shrivastava et al. 2017): D is
+    shown a mix of current and earlier fakes, so G cannot win by oscillating
+    between modes that the latest D happens to miss. Until the pool is full
+    each fake is stored and returned; then, per image, with probability 0.5 a
+    random stored fake is returned and replaced by the new one, else the new
+    one passes through. A module, so its contents travel in checkpoints."""
+
+    def __init__(self, capacity: int, size: int):
+        super().__init__()
+        self.count = 0
+        self.register_buffer("images", torch.zeros(capacity, 3, size, size))
+
+    def forward(self, fakes):                                  # n×3×S×S, detached
+        capacity, out = self.images.shape[0], []
+        for image in fakes.detach():
+            if self.count < capacity:
+                self.images[self.count] = image
+                self.count += 1
+            elif float(torch.rand(())) < 0.5:
+                slot = int(torch.randint(capacity, ()))
+                image, self.images[slot] = self.images[slot].clone(), image
+            out.append(image)
+        return torch.stack(out) if capacity else fakes.detach()
+
+    def get_extra_state(self):
+        return self.count
+
+    def set_extra_state(self, count):
+        self.count = count
 
 
 def count_parameters(net: nn.Module) -> int:
@@ -511,7 +615,13 @@ def patch_nce_loss(feat_q: torch.Tensor, feat_k: torch.Tensor, n_images: int,
     code masks it with −10 before dividing by τ, which leaves exp(−142.9) = 0
     in fp32 (the README's −inf, same value). Why same-image negatives: other
     patches of one image share its style, so the only way to tell the positive
-    apart is content, which is exactly what the translation must keep."""
+    apart is content, which is exactly what the translation must keep.
+
+    n_images = 1 views the whole batch as one pool of n·S patches: the
+    negatives of every query are then the patches of all images (DCLGAN's
+    loss, official DCLGAN code, models/patchnce.py; equal to CUT's at n = 1).
+    Deviation: DCLGAN computes cosine similarities; we take dot products of
+    the eps-normalised vectors, equal once ‖z‖ ≫ 1e-7 (within 0.1% at init)."""
     dtype = torch.promote_types(feat_q.dtype, torch.float32)  # logits in fp32 at least: 1/τ ≈ 14
     feat_k, feat_q = feat_k.detach().to(dtype), feat_q.to(dtype)  # amplifies rounding errors
     l_pos = (feat_q * feat_k).sum(dim=1, keepdim=True)        # (n·S)×1
@@ -526,7 +636,7 @@ def patch_nce_loss(feat_q: torch.Tensor, feat_k: torch.Tensor, n_images: int,
 
 
 def nce_between(source, output, G_key, H_key, G_query, H_query, cfg: TrainConfig,
-                flip_back: bool = False) -> torch.Tensor:
+                flip_back: bool = False, details: bool = False):
     """ℓ_PatchNCE(source -> output), averaged over patches and layers, × λ_NCE.
 
         NCE = (1/L)·Σ_l λ_NCE·mean_i ℓ_(l,i),   k = H(G.encode(source)),  q = H(G.encode(output))
@@ -536,7 +646,9 @@ def nce_between(source, output, G_key, H_key, G_query, H_query, cfg: TrainConfig
     flip_back (FastCUT): the output was made from a flipped input; flipping
     its feature maps back lines them up with the unflipped source's, so the
     loss asks for G(flip(x)) = flip(G(x)). (After a stride-2 subsampling the
-    flipped grid is offset by one pixel; the official code has the same.)"""
+    flipped grid is offset by one pixel; the official code has the same.)
+    details: also return the keys (L × (n·S)×E, not detached) and the query
+    feature maps, which SimDCL's similarity loss reuses."""
     layer_ids = cfg.layer_ids
     feat_q = G_query.encode(output, layer_ids)                # L maps n×C_l×H_l×W_l
     if flip_back:
@@ -545,8 +657,31 @@ def nce_between(source, output, G_key, H_key, G_query, H_query, cfg: TrainConfig
     keys, patch_ids = H_key(feat_k, cfg.num_patches)          # L × (n·S_l)×E
     queries, _ = H_query(feat_q, cfg.num_patches, patch_ids)
     n = source.shape[0]                                       # the real batch size (Q5)
-    layer_losses = [patch_nce_loss(q, k, n, cfg.nce_T).mean() for q, k in zip(queries, keys)]
-    return cfg.lambda_NCE * torch.stack(layer_losses).mean()
+    groups = 1 if cfg.nce_includes_all_negatives_from_minibatch else n
+    layer_losses = [patch_nce_loss(q, k, groups, cfg.nce_T).mean() for q, k in zip(queries, keys)]
+    loss = cfg.lambda_NCE * torch.stack(layer_losses).mean()
+    return (loss, keys, feat_q) if details else loss
+
+
+def similarity_loss(keys_a, queries_a, keys_b, queries_b, heads: dict, n: int) -> torch.Tensor:
+    """SimDCL's similarity loss [DCLGAN paper §3.3, Eq. 6; official DCLGAN code,
+    models/simdcl_model.py]: the embeddings of a real and a generated image of
+    the same domain should agree, which discourages mode collapse.
+        L_sim = mean|M_ra(k_a) − M_fa(q_a)| + mean|M_fb(q_b) − M_rb(k_b)|
+    k_a: the sampled, projected patches of real_a (H_a), q_a: of fake_a (H_a,
+    fresh patch ids); likewise for B. Each argument is L × (n·S)×E, stacked per
+    image to n×L×S×E; each head gives n×64 and the mean runs over n×64.
+    Deviations kept: the official L1Loss('sum') is a mean (the string lands in
+    the legacy size_average slot, Q24), and nothing is detached (Q27).
+    Generalised: the official code stacks into 1×4×256×256 CPU tensors, so it
+    runs only at batch 1 with S = E = 256 (Q26); at n = 1 this is identical."""
+    def stack(feats):
+        if len({f.shape[0] for f in feats}) > 1:
+            raise UserError("SimDCL needs num_patches positions in every tapped layer: "
+                            "lower --num_patches or raise --crop_size")
+        return torch.stack([f.view(n, -1, f.shape[1]) for f in feats], dim=1)  # n×L×S×E
+    return (F.l1_loss(heads["M_ra"](stack(keys_a)), heads["M_fa"](stack(queries_a)))
+            + F.l1_loss(heads["M_fb"](stack(queries_b)), heads["M_rb"](stack(keys_b))))
 
 
 # -----------------------------------------------------------------------------
@@ -670,21 +805,64 @@ class EpochSampler(torch.utils.data.Sampler):
 # -----------------------------------------------------------------------------
 
 def build_networks(cfg: TrainConfig, device) -> dict:
-    """G, D and H, built eagerly and initialised (xavier, gain 0.02)."""
-    G = init_weights(Generator(cfg.ngf))
-    D = init_weights(Discriminator(cfg.ndf))
-    H = init_weights(ProjectionHead(G.tap_channels(cfg.layer_ids), cfg.netF_nc))
-    return {name: net.to(device) for name, net in (("G", G), ("D", D), ("H", H))}
+    """The mode's networks (NETWORKS), built eagerly and initialised; the head
+    sizes come from the tapped layers' channel counts (Q8)."""
+    with torch.device("meta"):                                # shapes only: no memory, no RNG
+        G = make_generator(cfg)
+        channels = G.tap_channels(cfg.layer_ids)
+        positions = [f.shape[2] * f.shape[3] for f in
+                     G.encode(torch.empty(1, 3, cfg.crop_size, cfg.crop_size), cfg.layer_ids)]
+    if cfg.lambda_SIM > 0 and min(positions) < cfg.num_patches:
+        raise UserError(f"SimDCL stacks num_patches ({cfg.num_patches}) patches of every tapped layer, "
+                        f"but at --crop_size {cfg.crop_size} the smallest has {min(positions)} "
+                        "positions: lower --num_patches or raise --crop_size")
+    make = {"G": lambda: make_generator(cfg),
+            "D": lambda: Discriminator(cfg.ndf, not cfg.no_antialias),
+            "H": lambda: ProjectionHead(channels, cfg.netF_nc),
+            "M": lambda: MappingHead(len(cfg.layer_ids)),
+            "p": lambda: ImagePool(cfg.pool_size, cfg.crop_size)}
+    return {name: init_weights(make[name[0]](), cfg.init_type).to(device)
+            for name in NETWORKS[cfg.mode]}
+
+
+def make_generator(cfg: TrainConfig) -> Generator:
+    return Generator(cfg.ngf, not cfg.no_antialias, not cfg.no_antialias_up)
 
 
 def build_optimizers(nets: dict, cfg: TrainConfig) -> dict:
-    """One Adam(lr, (beta1, beta2)) per trained network; no weight decay."""
-    opts = {}
+    """One Adam per family: "G" (every generator), "D" (every discriminator),
+    "H" (every head, with --lr_H and --beta1_H when set); no weight decay."""
+    params, opts = {}, {}
     for name, net in nets.items():
-        opts[name] = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-        for group in opts[name].param_groups:
-            group["initial_lr"] = group["lr"]
+        if name[0] in "GDHM":
+            params.setdefault("H" if name[0] == "M" else name[0], []).extend(net.parameters())
+    for family, group in params.items():
+        lr, beta1 = cfg.lr, cfg.beta1
+        if family == "H":
+            lr, beta1 = cfg.lr_H or cfg.lr, cfg.beta1_H if cfg.beta1_H >= 0 else cfg.beta1
+        opts[family] = torch.optim.Adam(group, lr=lr, betas=(beta1, cfg.beta2))
+        opts[family].param_groups[0]["initial_lr"] = lr
     return opts
+
+
+def discriminator_step(opt, judged: list, cfg: TrainConfig) -> list:
+    """Update every D on its (D, real, fake) triple with one Adam step:
+        L_D = 0.5·[gan(D(real), real) + gan(D(stopgrad(fake)), fake)]
+    never scaled by λ_GAN (official). Real and fake go through D in one call,
+    which is exact: no layer of D mixes images. Returns (real, fake) terms."""
+    for D, _, _ in judged:
+        set_requires_grad(D, True)
+    opt.zero_grad(set_to_none=True)
+    terms = []
+    for D, real, fake in judged:
+        scores = D(torch.cat([fake.detach(), real]))           # 2n×1×h×w
+        terms.append((gan_loss(scores[len(fake):], True, cfg.gan_mode),
+                       gan_loss(scores[:len(fake)], False, cfg.gan_mode)))
+    sum(0.5 * (real + fake) for real, fake in terms).backward()
+    opt.step()
+    for D, _, _ in judged:                                    # frozen again: the G step
+        set_requires_grad(D, False)                           # sends gradients through D only
+    return terms
 
 
 def cut_step(nets: dict, opts: dict, real_a, real_b, cfg: TrainConfig) -> dict:
@@ -711,18 +889,8 @@ def cut_step(nets: dict, opts: dict, real_a, real_b, cfg: TrainConfig) -> dict:
     y = G(x)
     fake_b, idt_b = y[:n], y[n:]
 
-    # 2. D step: fake and real scored in one call, then split.
-    set_requires_grad(D, True)
-    opts["D"].zero_grad(set_to_none=True)
-    scores = D(torch.cat([fake_b.detach(), real_b]))          # 2n×1×h×w
-    loss_D_fake = gan_loss(scores[:n], False, cfg.gan_mode)
-    loss_D_real = gan_loss(scores[n:], True, cfg.gan_mode)
-    loss_D = 0.5 * (loss_D_fake + loss_D_real)
-    loss_D.backward()
-    opts["D"].step()
+    [(loss_D_real, loss_D_fake)] = discriminator_step(opts["D"], [(D, real_b, fake_b)], cfg)
 
-    # 3. G+H step. D's weights are frozen, but the gradient flows through D into G.
-    set_requires_grad(D, False)
     opts["G"].zero_grad(set_to_none=True)
     opts["H"].zero_grad(set_to_none=True)
     zero = real_a.new_zeros(())
@@ -743,14 +911,124 @@ def cut_step(nets: dict, opts: dict, real_a, real_b, cfg: TrainConfig) -> dict:
     return {k: v.detach() for k, v in losses.items()}
 
 
-STEPS = {"cut": cut_step, "fastcut": cut_step}
+def translate_both(nets: dict, real_a, real_b, with_identity: bool) -> tuple:
+    """fake_b, fake_a and, with identity, idt_b = G_ab(real_b), idt_a = G_ba(real_a),
+    in one pass per generator (exact: instance norm is per image)."""
+    n = real_a.shape[0]
+    out_b = nets["G_ab"](torch.cat([real_a, real_b]) if with_identity else real_a)
+    out_a = nets["G_ba"](torch.cat([real_b, real_a]) if with_identity else real_b)
+    return out_b[:n], out_a[:n], out_b[n:], out_a[n:]
+
+
+def dual_step(nets: dict, opts: dict, real_a, real_b, cfg: TrainConfig) -> dict:
+    """One DCLGAN or SimDCL iteration [DCLGAN paper §3, Eq. 8; official DCLGAN
+    code, models/dcl_model.py and models/simdcl_model.py].
+
+    Pairing rule (the paper's "dual" setting): an image is always embedded by
+    the encoder and head of its own domain, whichever generator made it. So
+    NCE1 (A→B) takes keys H_a(G_ab.encode(real_a)) and queries
+    H_b(G_ba.encode(fake_b)); NCE2 mirrors it. Keys are detached, so H_a
+    learns only from NCE2's queries and H_b from NCE1's.
+    Plan:
+      1. Forward: fake_b, fake_a, and the identity images idt_b = G_ab(real_b),
+         idt_a = G_ba(real_a) when λ_IDT > 0 (official idt_A, idt_B).
+      2. D step, both discriminators, hinge: D_b on (real_b, fake_b), D_a on (real_a, fake_a).
+      3. G+H step, D frozen:
+         L_G = 0.5·λ_GAN·(hinge(D_b(fake_b)) + hinge(D_a(fake_a)))
+             + 0.5·(NCE1 + NCE2)                      (λ_NCE inside each)
+             + 0.5·λ_IDT·(mean|idt_b − real_b| + mean|idt_a − real_a|)
+             + λ_SIM·L_sim                              (SimDCL only)
+         This is half of the paper's Eq. 8 with λ_NCE = 2 (Q20): the official
+         code's factors, so the logged values match official logs.
+    Returns the losses under the official log names (D_A judges B images)."""
+    n = real_a.shape[0]
+    use_idt = cfg.lambda_IDT > 0
+    fake_b, fake_a, idt_b, idt_a = translate_both(nets, real_a, real_b, use_idt)
+    G_ab, G_ba, H_a, H_b = nets["G_ab"], nets["G_ba"], nets["H_a"], nets["H_b"]
+
+    (D_A_real, D_A_fake), (D_B_real, D_B_fake) = discriminator_step(
+        opts["D"], [(nets["D_b"], real_b, fake_b), (nets["D_a"], real_a, fake_a)], cfg)
+
+    opts["G"].zero_grad(set_to_none=True)
+    opts["H"].zero_grad(set_to_none=True)
+    zero = real_a.new_zeros(())
+    loss_G_A = cfg.lambda_GAN * gan_loss(nets["D_b"](fake_b), True, cfg.gan_mode)
+    loss_G_B = cfg.lambda_GAN * gan_loss(nets["D_a"](fake_a), True, cfg.gan_mode)
+    similar = "M_ra" in nets
+    nce1 = nce_between(real_a, fake_b, G_ab, H_a, G_ba, H_b, cfg, details=similar)
+    nce2 = nce_between(real_b, fake_a, G_ba, H_b, G_ab, H_a, cfg, details=similar)
+    loss_sim = zero
+    if similar:                                               # fresh patch ids for the fakes (Q27)
+        (nce1, keys_a, feats_fake_b), (nce2, keys_b, feats_fake_a) = nce1, nce2
+        queries_b, _ = H_b(feats_fake_b, cfg.num_patches)
+        queries_a, _ = H_a(feats_fake_a, cfg.num_patches)
+        loss_sim = cfg.lambda_SIM * similarity_loss(keys_a, queries_a, keys_b, queries_b, nets, n)
+    loss_idt_A = cfg.lambda_IDT * F.l1_loss(idt_b, real_b) if use_idt else zero
+    loss_idt_B = cfg.lambda_IDT * F.l1_loss(idt_a, real_a) if use_idt else zero
+    loss_G = (0.5 * (loss_G_A + loss_G_B) + 0.5 * (nce1 + nce2)
+              + 0.5 * (loss_idt_A + loss_idt_B) + loss_sim)
+    loss_G.backward()
+    opts["G"].step()
+    opts["H"].step()
+    losses = dict(D_A=0.5 * (D_A_real + D_A_fake), G_A=loss_G_A, NCE1=nce1, idt_A=loss_idt_A,
+                  D_B=0.5 * (D_B_real + D_B_fake), G_B=loss_G_B, NCE2=nce2, idt_B=loss_idt_B,
+                  G=loss_G)
+    if similar:
+        losses["Sim"] = loss_sim
+    return {k: v.detach() for k, v in losses.items()}
+
+
+def cyclegan_step(nets: dict, opts: dict, real_a, real_b, cfg: TrainConfig) -> dict:
+    """One CycleGAN iteration [CycleGAN paper §3, Eq. 3 and §5.2; upstream
+    pytorch-CycleGAN-and-pix2pix, models/cycle_gan_model.py].
+
+    Plan (G before D, unlike the CUT lineage):
+      1. Forward: fake_b = G_ab(real_a), fake_a = G_ba(real_b), the
+         reconstructions rec_a = G_ba(fake_b), rec_b = G_ab(fake_a), and the
+         identity images idt_b = G_ab(real_b), idt_a = G_ba(real_a).
+      2. G step, D frozen:
+         L_G = lsgan(D_b(fake_b)) + lsgan(D_a(fake_a))
+             + λ_A·mean|rec_a − real_a| + λ_B·mean|rec_b − real_b|          (cycle)
+             + λ_IDT·λ_B·mean|idt_b − real_b| + λ_IDT·λ_A·mean|idt_a − real_a| (identity)
+      3. D step on fakes drawn from the image pools (pool_size 50).
+    Returns the losses under the official log names."""
+    n = real_a.shape[0]
+    use_idt = cfg.lambda_IDT > 0
+    fake_b, fake_a, idt_b, idt_a = translate_both(nets, real_a, real_b, use_idt)
+    rec_a, rec_b = nets["G_ba"](fake_b), nets["G_ab"](fake_a)   # n×3×S×S each
+
+    opts["G"].zero_grad(set_to_none=True)
+    zero = real_a.new_zeros(())
+    loss_G_A = cfg.lambda_GAN * gan_loss(nets["D_b"](fake_b), True, cfg.gan_mode)
+    loss_G_B = cfg.lambda_GAN * gan_loss(nets["D_a"](fake_a), True, cfg.gan_mode)
+    loss_cycle_A = cfg.lambda_A * F.l1_loss(rec_a, real_a)
+    loss_cycle_B = cfg.lambda_B * F.l1_loss(rec_b, real_b)
+    loss_idt_A = cfg.lambda_IDT * cfg.lambda_B * F.l1_loss(idt_b, real_b) if use_idt else zero
+    loss_idt_B = cfg.lambda_IDT * cfg.lambda_A * F.l1_loss(idt_a, real_a) if use_idt else zero
+    loss_G = loss_G_A + loss_G_B + loss_cycle_A + loss_cycle_B + loss_idt_A + loss_idt_B
+    loss_G.backward()
+    opts["G"].step()
+
+    (D_A_real, D_A_fake), (D_B_real, D_B_fake) = discriminator_step(
+        opts["D"], [(nets["D_b"], real_b, nets["pool_b"](fake_b)),
+                    (nets["D_a"], real_a, nets["pool_a"](fake_a))], cfg)
+    losses = dict(D_A=0.5 * (D_A_real + D_A_fake), G_A=loss_G_A, cycle_A=loss_cycle_A,
+                  idt_A=loss_idt_A, D_B=0.5 * (D_B_real + D_B_fake), G_B=loss_G_B,
+                  cycle_B=loss_cycle_B, idt_B=loss_idt_B, G=loss_G)
+    return {k: v.detach() for k, v in losses.items()}
+
+
+STEPS = {"cut": cut_step, "fastcut": cut_step, "dcl": dual_step, "simdcl": dual_step,
+         "cyclegan": cyclegan_step}
 
 
 @torch.no_grad()
 def sample_columns(nets: dict, real_a, real_b, cfg: TrainConfig) -> list:
-    """The columns of a sample grid: real_a | fake_b | real_b (| idt_b)."""
-    G = nets["G"]
-    return [real_a, G(real_a), real_b] + ([G(real_b)] if cfg.nce_idt else [])
+    """The columns of a sample grid: real_a | fake_b | real_b, then idt_b
+    (CUT) or fake_a (two-generator modes)."""
+    if "G_ba" in nets:
+        return [real_a, nets["G_ab"](real_a), real_b, nets["G_ba"](real_b)]
+    return [real_a, nets["G"](real_a), real_b] + ([nets["G"](real_b)] if cfg.nce_idt else [])
 
 
 # -----------------------------------------------------------------------------
@@ -964,7 +1242,8 @@ def train(cfg: TrainConfig, source: dict, argv: list) -> int:
     write_run_info(run_dir, cfg, device, argv)
 
     print(describe_config(cfg, source))
-    print("networks: " + ", ".join(f"{k} {count_parameters(v) / 1e6:.3f}M" for k, v in nets.items()))
+    print("networks: " + ", ".join(f"{k} {count_parameters(v) / 1e6:.3f}M" for k, v in nets.items()
+                                   if count_parameters(v)))
     total_steps = cfg.total_epochs * steps_per_epoch
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
@@ -1111,23 +1390,25 @@ def resume_config(ckpt: dict, cfg: TrainConfig, source: dict, path: Path) -> Tra
 # multiple of 4 (two halvings and two doublings), translate, crop back.
 
 def load_generator(path, mode: str | None, direction: str, device) -> nn.Module:
-    """A trained G from a dcl.py checkpoint (config inside), or from an official
-    CUT `latest_net_G.pth` state dict given --mode."""
+    """A trained G from a dcl.py checkpoint (config inside; --direction picks
+    G_ab or G_ba in two-generator modes), or an official generator state dict
+    (`latest_net_G.pth`, `latest_net_G_A.pth`, ...) given the --mode that made it."""
     ckpt = read_checkpoint(path)
     if ckpt.get("format") == CHECKPOINT_FORMAT:
-        mode, cfg, state = ckpt["mode"], TrainConfig(**ckpt["config"]), ckpt["nets"]["G"]
+        mode, cfg, nets = ckpt["mode"], TrainConfig(**ckpt["config"]), ckpt["nets"]
+        if direction == "BtoA" and "G_ba" not in nets:
+            raise UserError(f"{path} is a {mode} checkpoint with one generator (A to B); it cannot "
+                            "translate BtoA. Train with --direction BtoA for the other way")
+        state = nets["G"] if "G" in nets else nets["G_ba" if direction == "BtoA" else "G_ab"]
     elif "model.1.weight" in ckpt:
         if mode is None:
             raise UserError(f"{path} is an official state dict: say which method made it with "
                             f"--mode ({', '.join(MODES)})")
-        state = ckpt
-        cfg = TrainConfig(mode=mode, ngf=state["model.1.weight"].shape[0], **MODES[mode])
+        state = ckpt                                          # the file itself picks the direction
+        cfg = TrainConfig(**{**MODES[mode], "mode": mode, "ngf": state["model.1.weight"].shape[0]})
     else:
         raise UserError(f"{path} is neither a dcl.py checkpoint nor an official generator state dict")
-    if direction == "BtoA":
-        raise UserError(f"mode {mode} trains one generator (A to B); it cannot translate BtoA. "
-                        "Train with --direction BtoA for the other way")
-    G = Generator(cfg.ngf)
+    G = make_generator(cfg)
     load_state(G, state, str(path))
     return G.to(device).eval()
 
