@@ -2,23 +2,28 @@
 
 A readable, runnable reference for patch-wise contrastive translation:
 
-  CUT and FastCUT   Park, Efros, Zhang, Zhu. "Contrastive Learning for Unpaired
-                    Image-to-Image Translation", ECCV 2020, arXiv 2007.15651.
-                    Official code: taesungp/contrastive-unpaired-translation
-                    (described here as of commit b3ac297).
+  CUT, FastCUT     Park, Efros, Zhang, Zhu. "Contrastive Learning for Unpaired
+                   Image-to-Image Translation", ECCV 2020, arXiv 2007.15651.
+                   Official code: taesungp/contrastive-unpaired-translation (b3ac297).
+  DCLGAN, SimDCL   Han, Shoeiby, Petersson, Armin. "Dual Contrastive Learning for
+                   Unsupervised Image-to-Image Translation", CVPR Workshops 2021,
+                   arXiv 2104.07689. Official code: JunlinHan/DCLGAN (abb805c).
+  CycleGAN         Zhu, Park, Isola, Efros, ICCV 2017, arXiv 1703.10593; the baseline.
+                   Upstream code: junyanz/pytorch-CycleGAN-and-pix2pix.
 
-Every network keeps the official layer indices and state-dict key names, so an
-official `latest_net_G.pth` loads with strict=True; every default is the
-official code's. Where the paper and the official code disagree, the code wins
-and the difference is listed in the faithfulness notes below.
+Every network keeps the official layer indices and state-dict key names, so
+official `latest_net_G.pth` / `latest_net_G_A.pth` files load with strict=True;
+every default is the official code's. Where a paper and its official code
+disagree, the code wins and the difference is in the faithfulness notes below.
 
 Commands
-    python dcl.py train --mode cut                      # bundled data, demo settings
+    python dcl.py train --mode simdcl                   # bundled data, demo settings
     python dcl.py train --mode cut --max_steps 2        # does one training cycle work?
-    python dcl.py train --mode fastcut --dataroot ./datasets/horse2zebra --name h2z
-    python dcl.py train --name h2z --mode fastcut --dataroot ./datasets/horse2zebra --continue_train
+    python dcl.py train --mode cut --dataroot ./datasets/horse2zebra --name h2z
+    python dcl.py train --name h2z --continue_train     # resume, exactly where it stopped
     python dcl.py translate --checkpoint checkpoints/h2z/ckpt_latest.pt \\
                             --input ./datasets/horse2zebra/testA --output ./results/h2z
+    (two-generator modes: translate --direction BtoA uses G_ba)
 
 Contents (banners below carry these numbers; [core] = the methods,
 [plumbing] = the machinery around them, safe to skip on a first read)
@@ -26,10 +31,10 @@ Contents (banners below carry these numbers; [core] = the methods,
     2. Building blocks: antialiased resampling, ResNet block, init
     3. Generator G                 [core]
     4. Discriminator D (PatchGAN)
-    5. Projection head H           [core]
+    5. Heads: projection H, SimDCL mapping M; CycleGAN's image pool   [core]
     6. Losses                      [core]
     7. Unpaired data               [plumbing]
-    8. The training step           [core]
+    8. The training steps          [core]
     9. The training loop, checkpoints, samples   [plumbing]
    10. Translate                   [plumbing]
    11. Command line                [plumbing]
@@ -37,52 +42,83 @@ Contents (banners below carry these numbers; [core] = the methods,
 Letters: n images per batch, S sampled patches per layer and image
 (--num_patches), E projection width (--netF_nc), L tapped layers, C/H/W channels
 and size of a feature map, τ the temperature (--nce_T). The letter D is only
-ever the discriminator.
+ever the discriminator. Domains are a (source, X) and b (target, Y).
 
 Glossary (code name | paper symbol | official name or flag)
-    G                  | G = G_dec ∘ G_enc         | netG
+    G                  | G = G_dec ∘ G_enc         | netG (CUT)
+    G_ab, G_ba         | G: X→Y, F: Y→X            | netG_A, netG_B
     G.encode           | G_enc, the encoder taps   | netG(x, layers, encode_only=True)
-    D                  | D                         | netD
-    H                  | H_l, the 2-layer MLP head | netF (PatchSampleF), `F` in files
+    D; D_b, D_a        | D; D_Y, D_X               | netD; netD_A (judges B), netD_B
+    H; H_a, H_b        | H_l; H_X, H_Y             | netF (PatchSampleF); netF1, netF2
+    M_ra M_fb M_rb M_fa| SimDCL's light heads      | netF3, netF4, netF5, netF6 (MappingF)
+    pool_a, pool_b     | image history buffer      | fake_A_pool, fake_B_pool (--pool_size)
     real_a, real_b     | x ∈ X, y ∈ Y              | real_A, real_B
-    fake_b             | ŷ = G(x)                  | fake_B
-    idt_b              | G(y), identity image      | idt_B
+    fake_b, fake_a     | G(x), F(y)                | fake_B, fake_A
+    idt_b = G(real_b)  | identity image            | idt_B (CUT), idt_A (DCLGAN, CycleGAN)
     feat_q, feat_k     | query z, keys z⁺ and z⁻   | feat_q, feat_k
-    lambda_NCE         | λ_X (= λ_Y)               | --lambda_NCE
+    lambda_NCE         | λ_X (= λ_Y), λ_NCE        | --lambda_NCE
+    lambda_IDT         | λ_idt                     | --lambda_IDT (CycleGAN: --lambda_identity)
+    lambda_SIM         | λ_SIM                     | --lambda_SIM
     NCE, NCE_Y         | ℓ_PatchNCE(G,H,X), (…,Y)  | loss_NCE, loss_NCE_Y
+    NCE1, NCE2         | L_PatchNCE(G, H_X, H_Y, X), (F, …, Y) | loss_NCE1, loss_NCE2
+    Sim                | L_sim                     | loss_Sim
     tau                | τ = 0.07                  | --nce_T
     num_patches        | S = 256                   | --num_patches
     netF_nc            | E = 256                   | --netF_nc
     nce_layers         | the L layers l            | --nce_layers 0,4,8,12,16
     continue_train     | (resume)                  | --continue_train, alias --resume
 
-Faithfulness notes: every place this file differs from the official CUT code
+Faithfulness notes: every place this file differs from the official code
 (methods.md §10 numbers the quirks Q1..Q38), and the official quirks we keep.
   F1  Kept: the l_neg diagonal is filled with −10 before dividing by τ (Q1); the
       README's −inf gives the same value in fp32 (exp(−142.9) = 0).
   F2  Kept: keys are detached (Q2); one patch-id set per layer is shared by
       every image of the batch (Q3); negatives come from the same image.
-  F3  Changed: patch ids, the FastCUT flip coin and the B draw use torch's RNG
-      instead of numpy's and Python's (Q4, Q15), so one --seed covers all.
-      Same distributions; runs are not bit-identical to official runs.
+  F3  Changed: patch ids, the FastCUT flip coin, the B draw and the image pool
+      use torch's RNG instead of numpy's and Python's (Q4, Q15), so one --seed
+      covers all. Same distributions; runs are not bit-identical to official ones.
   F4  Changed: PatchNCE views patches per image with the tensor's real batch
       size, not the --batch_size option (Q5); identical at batch 1.
   F5  Changed: heads are built eagerly from known channel counts, not lazily
       on a throw-away first batch (Q8); layer ids are a tuple, never mutated (Q7).
-  F6  Kept: no random crop during the LR-decay epochs (Q9); --crop_in_decay
-      turns cropping back on.  Kept: the LR never reaches 0 (Q10).
+  F6  Kept: no random crop during the LR-decay epochs (Q9) in the CUT lineage;
+      --crop_in_decay turns cropping back on (CycleGAN: on). Kept: the LR
+      never reaches 0 (Q10); CycleGAN uses the same schedule, one epoch later
+      than recent upstream code, which steps it at the start of an epoch (Q11).
   F7  Changed: counters count optimisation steps, not images (Q14); the
       frequencies are in steps. Identical at batch 1.
   F8  Changed: translate processes every input once, at native resolution,
       keeping names (Q13); --resize 256 gives the official test protocol
       (square bicubic resize, truncating uint8 conversion, PNG).
-  F9  Changed: D scores real and fake images in one call (exact: no layer
-      mixes images); augmentation is drawn from a per-item seed, so a run is
-      the same whatever --num_threads, and resumes exactly mid-epoch.
+  F9  Changed: D scores real and fake images in one call and a generator its
+      translation and identity inputs in one call (exact: no layer mixes
+      images); augmentation is drawn from a per-item seed, so a run is the
+      same whatever --num_threads, and resumes exactly mid-epoch.
   F10 Changed: --max_dataset_size truncates the sorted file list (official:
       walk order); --crop_size must be a multiple of 4 (official silently
       resizes to one); one checkpoint file holds every net, optimiser, counter,
-      RNG state and the config (official: one weights-only file per net).
+      RNG state, image pool and the config (official: one weights file per net).
+  F11 Kept (DCLGAN, SimDCL): the hinge generator loss is mean(relu(1 − D(G(x)))),
+      not −mean(D(G(x))) (Q16); D losses are not scaled by λ_GAN (Q18); every
+      term is half of the paper's Eq. 8 (Q20); no image pool although the paper
+      says 50 (Q21); lr 2e-4 and 200 + 200 epochs, the code's defaults, where
+      the paper says 1e-4 and 400 (DCLGAN) or 200 epochs (SimDCL) (Q22);
+      negatives pooled over the whole batch (Q23, a flag).
+  F12 Kept (DCLGAN): the heads' Adam runs at PyTorch's defaults, lr 1e-3 and
+      betas (0.9, 0.999), not the paper's 2e-4 (Q17); set by the preset as
+      --lr_H 1e-3 --beta1_H 0.9, undone with --lr_H 0 --beta1_H -1.
+  F13 Changed (DCLGAN, SimDCL): the L1 identity term is switched by
+      λ_IDT > 0, not by --nce_idt (Q19); same result at the defaults. PatchNCE
+      uses dot products of the eps-normalised vectors where DCLGAN computes
+      cosines: equal once ‖z‖ ≫ 1e-7, within 0.1% at initialisation.
+  F14 Kept (SimDCL): L1Loss('sum') is a mean (Q24); the declared λ_NCE 2 is
+      never applied, so the preset says λ_NCE 1, the weight in effect (Q25);
+      the similarity features are not detached and the fake sets use fresh
+      patch ids (Q27); identity weight 1 (Q28). Changed: the mapping heads run
+      at any batch size and S, E (official: batch 1, S = E = 256), identical
+      at batch 1 (Q26).
+  F15 Changed (CycleGAN): upstream semantics, not the broken copies in the
+      CUT and DCLGAN repositories (Q36, Q37).
 
 Not included: visdom or any display server, HTML pages, dataset downloads,
 UNet/StyleGAN generators, SinCUT, FID (run pytorch-fid on translate output),
@@ -110,6 +146,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torchvision.models import vgg16
 from torchvision.utils import save_image
 
 # -----------------------------------------------------------------------------
@@ -129,6 +166,13 @@ MODES = {
     # flip-equivariance instead, 150 + 50 epochs (official --CUT_mode FastCUT).
     "fastcut": dict(lambda_NCE=10.0, nce_idt=False, flip_equivariance=True,
                     n_epochs=150, n_epochs_decay=50),
+    # NEGCUT (official --NEGCUT_mode NEGCUT / FastNEGCUT): CUT or FastCUT with
+    # the in-image negatives replaced by hard ones from a negative generator N,
+    # trained adversarially; λ_MS 1 weighs N's diversity term.
+    "negcut": dict(lambda_NCE=1.0, nce_idt=True, flip_equivariance=False, lambda_MS_neg=1.0,
+                   n_epochs=200, n_epochs_decay=200),
+    "fastnegcut": dict(lambda_NCE=10.0, nce_idt=False, flip_equivariance=True, lambda_MS_neg=1.0,
+                       n_epochs=150, n_epochs_decay=50),
     # DCLGAN (official --model dcl): two generators, two discriminators, two
     # heads; hinge loss; negatives from the whole batch; L1 identity. The code
     # halves every term of the paper's Eq. 8 (λ_NCE 2 × 0.5 = 1 per direction)
@@ -150,10 +194,12 @@ MODES = {
                      init_type="normal", no_antialias=True, no_antialias_up=True,
                      n_epochs=100, n_epochs_decay=100, crop_in_decay=True),
 }
-# Which networks each mode trains. Names: G_ab maps A to B; D_b judges B
+# Which networks each mode builds. Names: G_ab maps A to B; D_b judges B
 # images (official D_A); H_a embeds A images (official F1); M_* are SimDCL's
-# mapping heads for real/fake A/B sets (official F3..F6); pool_* keep old fakes.
+# mapping heads for real/fake A/B sets (official F3..F6); N is NEGCUT's
+# negative generator and H_ema its momentum head (official F_); pool_* keep old fakes.
 NETWORKS = {"cut": ("G", "D", "H"), "fastcut": ("G", "D", "H"),
+            "negcut": ("G", "D", "H", "N", "H_ema"), "fastnegcut": ("G", "D", "H", "N", "H_ema"),
             "dcl": ("G_ab", "G_ba", "D_a", "D_b", "H_a", "H_b"),
             "simdcl": ("G_ab", "G_ba", "D_a", "D_b", "H_a", "H_b", "M_ra", "M_fb", "M_rb", "M_fa"),
             "cyclegan": ("G_ab", "G_ba", "D_a", "D_b", "pool_a", "pool_b")}
@@ -215,6 +261,16 @@ class TrainConfig:
     lambda_A: float = _opt(10.0, "CycleGAN: weight of the cycle loss |G_ba(G_ab(a)) − a|")
     lambda_B: float = _opt(10.0, "CycleGAN: weight of the cycle loss |G_ab(G_ba(b)) − b|")
     pool_size: int = _opt(0, "CycleGAN: D sees fakes from a pool of this many earlier ones")
+    lambda_MS_neg: float = _opt(0.0, "NEGCUT: weight of the diversity term of the negative generator")
+    # extensions (off in every preset, so the official modes are unchanged)
+    lambda_perc: float = _opt(0.0, "weight of the VGG16 perceptual loss between outputs and "
+                              "their targets (identity images, cycle reconstructions)")
+    lambda_perc_content: float = _opt(0.0, "weight of a VGG16 content loss between G(x) and "
+                                      "x at relu4_3 only")
+    vgg_weights: str = _opt("", "VGG16 ImageNet weights (vgg16-397923af.pth); default: "
+                            "torchvision's cache; 'random' = random weights, for tests only")
+    nce_hard_beta: float = _opt(0.0, "weight hard PatchNCE negatives by exp(beta·similarity) "
+                                "(0 = the official loss)")
     flip_equivariance: bool = _opt(False, "FastCUT's flip equivariance: flip the input "
                                    "at random and flip G's features back")
     # optimisation
@@ -482,7 +538,7 @@ class Discriminator(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 5. Projection head H [core]
+# 5. Heads: projection H, SimDCL mapping M; CycleGAN's image pool [core]
 # -----------------------------------------------------------------------------
 # H (official PatchSampleF) picks S positions of each tapped map and sends each
 # position's C-vector through a per-layer 2-layer MLP to a unit E-vector, as in
@@ -518,6 +574,44 @@ class ProjectionHead(nn.Module):
             ids_out.append(ids)
         return out, ids_out
 
+    def mean_embedding(self, feats: list) -> list:
+        """NEGCUT's summary of each image: every position (not a sample) through
+        MLP_l, unit-normalised per position, then averaged over positions and
+        not re-normalised. L maps n×C_l×H_l×W_l -> L tensors n×E. (The official
+        CUT code normalises this full-resolution path over the wrong axis;
+        NEGCUT's copy, followed here, normalises each E-vector: Q6.)"""
+        out = []
+        for index, feat in enumerate(feats):
+            z = getattr(self, f"mlp_{index}")(feat.permute(0, 2, 3, 1))  # n×H×W×E
+            out.append((z / (z.norm(dim=3, keepdim=True) + 1e-7)).mean(dim=(1, 2)))
+        return out
+
+
+class NegativeGenerator(nn.Module):
+    """NEGCUT's N [NEGCUT paper §3.2; official NEGCUT code, models/negative_generator.py]:
+    for each tapped layer and image, 256 negatives E-vectors made from the
+    image's mean embedding v (by the momentum head) and fresh noise z ~ N(0, I₆₄):
+        n_j = unit(MLP_l([v; z_j])),  MLP_l: Linear(E+64 → E), ReLU, Linear(E → E)
+    so the negatives are specific to the image (v) and varied (z). Trained to
+    make PatchNCE hard, they replace the other patches of the image.
+    L lists of n×E -> L tensors (n·256)×E, image-major. 739,840 parameters at E = 256."""
+
+    def __init__(self, n_layers: int, width: int = 256, z_dim: int = 64, count: int = 256):
+        super().__init__()
+        for index in range(n_layers):
+            setattr(self, f"mlp_{index}", nn.Sequential(nn.Linear(width + z_dim, width), nn.ReLU(),
+                                                        nn.Linear(width, width)))
+        self.z_dim, self.count = z_dim, count
+
+    def forward(self, means: list) -> list:
+        out = []
+        for index, v in enumerate(means):                     # v: n×E
+            z = torch.randn(v.shape[0], self.count, self.z_dim, device=v.device)  # fresh every call
+            code = torch.cat([v[:, None].expand(-1, self.count, -1), z], dim=2)   # n×256×(E+64)
+            y = getattr(self, f"mlp_{index}")(code.flatten(0, 1))                # (n·256)×E
+            out.append(y / (y.norm(dim=1, keepdim=True) + 1e-7))
+        return out
+
 
 class MappingHead(nn.Module):
     """SimDCL's light head (official MappingF, 10,688 parameters): it reads the
@@ -552,6 +646,8 @@ class ImagePool(nn.Module):
 
     def forward(self, fakes):                                  # n×3×S×S, detached
         capacity, out = self.images.shape[0], []
+        if capacity == 0:                                     # --pool_size 0: no history
+            return fakes.detach()
         for image in fakes.detach():
             if self.count < capacity:
                 self.images[self.count] = image
@@ -560,7 +656,7 @@ class ImagePool(nn.Module):
                 slot = int(torch.randint(capacity, ()))
                 image, self.images[slot] = self.images[slot].clone(), image
             out.append(image)
-        return torch.stack(out) if capacity else fakes.detach()
+        return torch.stack(out)
 
     def get_extra_state(self):
         return self.count
@@ -596,7 +692,8 @@ def gan_loss(prediction: torch.Tensor, target_is_real: bool, gan_mode: str) -> t
 
 
 def patch_nce_loss(feat_q: torch.Tensor, feat_k: torch.Tensor, n_images: int,
-                   tau: float = 0.07) -> torch.Tensor:
+                   tau: float = 0.07, hard_beta: float = 0.0,
+                   negatives: torch.Tensor | None = None) -> torch.Tensor:
     """PatchNCE for one layer: each output patch must pick out the input patch
     at its own location among the other patches of the same input image.
 
@@ -621,22 +718,53 @@ def patch_nce_loss(feat_q: torch.Tensor, feat_k: torch.Tensor, n_images: int,
     negatives of every query are then the patches of all images (DCLGAN's
     loss, official DCLGAN code, models/patchnce.py; equal to CUT's at n = 1).
     Deviation: DCLGAN computes cosine similarities; we take dot products of
-    the eps-normalised vectors, equal once ‖z‖ ≫ 1e-7 (within 0.1% at init)."""
+    the eps-normalised vectors, equal once ‖z‖ ≫ 1e-7 (within 0.1% at init).
+
+    hard_beta = β > 0 (an extension, --nce_hard_beta; Robinson et al., "Contrastive
+    Learning with Hard Negative Samples", ICLR 2021, arXiv 2010.04592, without
+    their debiasing term): negatives that already look like the positive are
+    the informative ones, so each is importance-weighted, with s_j = q_i·k_j:
+        w_j = exp(β·s_j) / ((1/N)·Σ_m exp(β·s_m))     (detached; mean_j w_j = 1)
+        ℓ_i = −log( exp(s⁺/τ) / ( exp(s⁺/τ) + Σ_j w_j·exp(s_j/τ) ) )
+    i.e. log w_j is added to negative j's logit. The sums run over the N real
+    negatives (the masked diagonal excluded). β = 0 gives w = 1, the official
+    loss, bit for bit (the branch is skipped); β → ∞ puts all the weight N on
+    the hardest negative: ℓ → −log(e^(s⁺/τ) / (e^(s⁺/τ) + N·e^(s_max/τ))).
+
+    negatives ((n·256)×E, NEGCUT): each image's queries are compared with its
+    own 256 generated negatives instead of the other keys, so l_neg = q·Nᵀ per
+    image, n×S×256, with no diagonal to mask [official NEGCUT code,
+    models/losses.py, LearnedPatchNCELoss]. They are not detached: in G's
+    step their gradient reaches G's encoder through N and H_ema. (hard_beta
+    is not applied to them: N already makes them as hard as it can.)"""
     dtype = torch.promote_types(feat_q.dtype, torch.float32)  # logits in fp32 at least: 1/τ ≈ 14
     feat_k, feat_q = feat_k.detach().to(dtype), feat_q.to(dtype)  # amplifies rounding errors
     l_pos = (feat_q * feat_k).sum(dim=1, keepdim=True)        # (n·S)×1
+    if negatives is not None:
+        q = feat_q.view(n_images, -1, feat_q.shape[1])        # n×S×E
+        negs = negatives.to(dtype).view(n_images, -1, negatives.shape[1])  # n×256×E
+        l_neg = torch.bmm(q, negs.transpose(1, 2)).flatten(0, 1)  # (n·S)×256
+        logits = torch.cat([l_pos, l_neg], dim=1) / tau
+        target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        return F.cross_entropy(logits, target, reduction="none")
     q = feat_q.view(n_images, -1, feat_q.shape[1])            # n×S×E
     k = feat_k.view(n_images, -1, feat_k.shape[1])            # n×S×E
     l_neg = torch.bmm(q, k.transpose(1, 2))                   # n×S×S
     diagonal = torch.eye(q.shape[1], dtype=torch.bool, device=q.device)[None]
     l_neg = l_neg.masked_fill(diagonal, -10.0).flatten(0, 1)  # (n·S)×S
     logits = torch.cat([l_pos, l_neg], dim=1) / tau           # (n·S)×(S+1), class 0 is positive
+    if hard_beta:
+        real = ~diagonal.expand(q.shape[0], -1, -1).flatten(0, 1)  # (n·S)×S, False on the diagonal
+        scores = (hard_beta * l_neg.detach()).masked_fill(~real, -math.inf)
+        log_w = scores - torch.logsumexp(scores, 1, keepdim=True) + real.sum(1, keepdim=True).log()
+        logits = logits + F.pad(log_w.masked_fill(~real, 0.0), (1, 0))  # positive column unweighted
     target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     return F.cross_entropy(logits, target, reduction="none")
 
 
 def nce_between(source, output, G_key, H_key, G_query, H_query, cfg: TrainConfig,
-                flip_back: bool = False, details: bool = False):
+                flip_back: bool = False, negcut: dict | None = None, n_step: bool = False,
+                extras: dict | None = None) -> torch.Tensor:
     """ℓ_PatchNCE(source -> output), averaged over patches and layers, × λ_NCE.
 
         NCE = (1/L)·Σ_l λ_NCE·mean_i ℓ_(l,i),   k = H(G.encode(source)),  q = H(G.encode(output))
@@ -647,20 +775,39 @@ def nce_between(source, output, G_key, H_key, G_query, H_query, cfg: TrainConfig
     its feature maps back lines them up with the unflipped source's, so the
     loss asks for G(flip(x)) = flip(G(x)). (After a stride-2 subsampling the
     flipped grid is offset by one pixel; the official code has the same.)
-    details: also return the keys (L × (n·S)×E, not detached) and the query
-    feature maps, which SimDCL's similarity loss reuses."""
+    negcut (the nets N and H_ema): negatives generated from the source image
+    replace the in-image ones [official NEGCUT code, models/losses.py]. With
+    n_step, everything but N runs without gradient (N's own update, Q30).
+    extras: filled with the keys (L × (n·S)×E, not detached), the query maps
+    and the negatives, for SimDCL's similarity loss and NEGCUT's diversity term."""
     layer_ids = cfg.layer_ids
-    feat_q = G_query.encode(output, layer_ids)                # L maps n×C_l×H_l×W_l
-    if flip_back:
-        feat_q = [f.flip(3) for f in feat_q]
-    feat_k = G_key.encode(source, layer_ids)
-    keys, patch_ids = H_key(feat_k, cfg.num_patches)          # L × (n·S_l)×E
-    queries, _ = H_query(feat_q, cfg.num_patches, patch_ids)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not n_step):
+        feat_q = G_query.encode(output, layer_ids)            # L maps n×C_l×H_l×W_l
+        if flip_back:
+            feat_q = [f.flip(3) for f in feat_q]
+        feat_k = G_key.encode(source, layer_ids)
+        keys, patch_ids = H_key(feat_k, cfg.num_patches)      # L × (n·S_l)×E
+        queries, _ = H_query(feat_q, cfg.num_patches, patch_ids)
+        means = negcut["H_ema"].mean_embedding(feat_k) if negcut else None  # L × n×E
+    negatives = negcut["N"](means) if negcut else [None] * len(keys)  # L × (n·256)×E
     n = source.shape[0]                                       # the real batch size (Q5)
     groups = 1 if cfg.nce_includes_all_negatives_from_minibatch else n
-    layer_losses = [patch_nce_loss(q, k, groups, cfg.nce_T).mean() for q, k in zip(queries, keys)]
-    loss = cfg.lambda_NCE * torch.stack(layer_losses).mean()
-    return (loss, keys, feat_q) if details else loss
+    layer_losses = [patch_nce_loss(q, k, groups, cfg.nce_T, cfg.nce_hard_beta, negs).mean()
+                    for q, k, negs in zip(queries, keys, negatives)]
+    if extras is not None:
+        extras.update(keys=keys, feat_q=feat_q, negatives=negatives)
+    return cfg.lambda_NCE * torch.stack(layer_losses).mean()
+
+
+def diversity_loss(negatives: list, lambda_ms: float) -> torch.Tensor:
+    """NEGCUT's diversity term for N [NEGCUT paper §3.2, Eq. 6 (mode seeking);
+    official NEGCUT code, models/negcut_model.py]: the two halves of each image's
+    256 negatives come from independent noise, and N is rewarded for making
+    them differ, so it cannot collapse onto one hard negative:
+        L_div = (1/L)·Σ_l λ_MS·( −mean|N_l[:, :128] − N_l[:, 128:]| ),  N_l viewed n×256×E."""
+    halves = [negs.view(-1, 256, negs.shape[1]).chunk(2, dim=1) for negs in negatives]
+    terms = [-(first - second).abs().mean() for first, second in halves]  # n×128×E each
+    return lambda_ms * torch.stack(terms).mean()
 
 
 def similarity_loss(keys_a, queries_a, keys_b, queries_b, heads: dict, n: int) -> torch.Tensor:
@@ -682,6 +829,78 @@ def similarity_loss(keys_a, queries_a, keys_b, queries_b, heads: dict, n: int) -
         return torch.stack([f.view(n, -1, f.shape[1]) for f in feats], dim=1)  # n×L×S×E
     return (F.l1_loss(heads["M_ra"](stack(keys_a)), heads["M_fa"](stack(queries_a)))
             + F.l1_loss(heads["M_fb"](stack(queries_b)), heads["M_rb"](stack(keys_b))))
+
+
+# An optional feature-prediction (perceptual) loss [Johnson, Alahi, Fei-Fei,
+# "Perceptual Losses for Real-Time Style Transfer and Super-Resolution", ECCV
+# 2016, arXiv 1603.08155]: compare images in the feature space of a frozen
+# ImageNet VGG16 instead of pixel by pixel. A pixel L1 cannot tell a slight
+# shift or blur from a real error and is minimised by the blurry average of
+# the plausible answers; VGG features respond to edges, textures and parts at
+# several scales, so matching them keeps structure sharp. No official
+# implementation of these methods has it: it is off in every preset.
+VGG_LAYERS = {"relu1_2": 3, "relu2_2": 8, "relu3_3": 15, "relu4_3": 22}  # torchvision indices
+VGG_WEIGHTS = {"relu1_2": 1 / 16, "relu2_2": 1 / 8, "relu3_3": 1 / 4, "relu4_3": 1.0}
+VGG_FILE = "vgg16-397923af.pth"                           # torchvision's IMAGENET1K_V1 weights
+
+
+class Perceptual(nn.Module):
+    """L_perc(a, b) = Σ_l w_l·mean|φ_l(a) − φ_l(b)| over VGG_LAYERS with VGG_WEIGHTS
+    (deeper layers have smaller activations, hence larger weights), or at
+    relu4_3 alone (content: deep features say what is where, not how it looks,
+    so they allow the appearance change the translation must make).
+    φ = VGG16 `features` up to relu4_3, frozen: eval mode, no gradients into
+    it, never in an optimiser or a checkpoint. Inputs n×3×H×W in [−1, 1] are
+    mapped to [0, 1] and normalised with the ImageNet mean and std."""
+
+    def __init__(self, weights: str):
+        super().__init__()
+        self.features = vgg16(weights=None).features[:VGG_LAYERS["relu4_3"] + 1]
+        if weights != "random":
+            path = Path(weights) if weights else Path(torch.hub.get_dir()) / "checkpoints" / VGG_FILE
+            if not path.is_file():
+                raise UserError(f"--lambda_perc needs VGG16 ImageNet weights ({VGG_FILE}): "
+                                f"{path} not found. Nothing is downloaded: on a networked machine run "
+                                "torchvision.models.vgg16(weights='IMAGENET1K_V1') once, then copy the "
+                                f"file to {path.parent} or pass --vgg_weights PATH")
+            state = {k.removeprefix("features."): v for k, v in read_checkpoint(path).items()}
+            load_state(self.features, {k: v for k, v in state.items()
+                                       if k in self.features.state_dict()}, f"{path} (VGG16)")
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), False)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True):                       # frozen: always in eval mode
+        return super().train(False)
+
+    def forward(self, output, target, content: bool = False) -> torch.Tensor:
+        layers = {"relu4_3": 1.0} if content else VGG_WEIGHTS
+        x = (torch.cat([output, target]) + 1) / 2             # 2n×3×H×W, one pass for both
+        x, loss = (x - self.mean) / self.std, 0.0
+        for index, layer in enumerate(self.features):
+            x = layer(x)
+            for name, weight in layers.items():
+                if index == VGG_LAYERS[name]:
+                    a, b = x.chunk(2)
+                    loss = loss + weight * (a - b.detach()).abs().mean()
+        return loss
+
+
+def perceptual_terms(nets: dict, cfg: TrainConfig, target_sets: list, content_pairs: list):
+    """λ_perc·Σ_sets mean_pairs L_perc(out, target) + λ_content·mean_pairs L_content(G(x), x).
+    A set holds one (output, target) pair per direction, so two-sided modes
+    average the directions with 0.5, as they do every other term."""
+    vgg, loss = nets.get("vgg"), 0.0
+    if vgg is None:
+        return None
+    if cfg.lambda_perc > 0:
+        loss = loss + cfg.lambda_perc * sum(sum(vgg(o, t) for o, t in pairs) / len(pairs)
+                                            for pairs in target_sets if pairs)
+    if cfg.lambda_perc_content > 0:
+        loss = loss + cfg.lambda_perc_content * sum(vgg(o, x, content=True)
+                                                    for o, x in content_pairs) / len(content_pairs)
+    return loss
 
 
 # -----------------------------------------------------------------------------
@@ -767,16 +986,32 @@ class UnpairedDataset(torch.utils.data.Dataset):
         return max(len(self.files_a), len(self.files_b))
 
     def __getitem__(self, key):
+        """(real_a, real_b, warnings about unreadable files skipped on the way,
+        one per line: the main process prints them, so they stay in order)."""
         item_seed, index, no_crop = key
         rng = torch.Generator().manual_seed(item_seed)
         if self.cfg.serial_batches:
             index_b = index % len(self.files_b)
         else:
             index_b = int(torch.randint(len(self.files_b), (1,), generator=rng))
-        real_a = train_transform(load_rgb(self.files_a[index % len(self.files_a)]),
-                                 self.cfg, rng, no_crop)
-        real_b = train_transform(load_rgb(self.files_b[index_b]), self.cfg, rng, no_crop)
-        return real_a, real_b
+        img_a, skipped_a = self.load(self.files_a, index % len(self.files_a), rng)
+        img_b, skipped_b = self.load(self.files_b, index_b, rng)
+        return (train_transform(img_a, self.cfg, rng, no_crop),
+                train_transform(img_b, self.cfg, rng, no_crop), "\n".join(skipped_a + skipped_b))
+
+    @staticmethod
+    def load(files: list, index: int, rng: torch.Generator, tries: int = 10):
+        """A corrupt file found mid-training is skipped with a warning for a
+        random other file of its domain; ten in a row means the domain is unusable."""
+        skipped = []
+        for _ in range(tries):
+            try:
+                return load_rgb(files[index]), skipped
+            except UserError as error:
+                reason = str(error)
+                skipped.append(f"warning: skipping unreadable image ({reason})")
+                index = int(torch.randint(len(files), (1,), generator=rng))
+        raise UserError(f"{tries} unreadable images in a row in {files[0].parent}, the last: {reason}")
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -801,7 +1036,7 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 # -----------------------------------------------------------------------------
-# 8. The training step [core]
+# 8. The training steps [core]
 # -----------------------------------------------------------------------------
 
 def build_networks(cfg: TrainConfig, device) -> dict:
@@ -819,10 +1054,15 @@ def build_networks(cfg: TrainConfig, device) -> dict:
     make = {"G": lambda: make_generator(cfg),
             "D": lambda: Discriminator(cfg.ndf, not cfg.no_antialias),
             "H": lambda: ProjectionHead(channels, cfg.netF_nc),
+            "N": lambda: NegativeGenerator(len(channels), cfg.netF_nc),
             "M": lambda: MappingHead(len(cfg.layer_ids)),
             "p": lambda: ImagePool(cfg.pool_size, cfg.crop_size)}
-    return {name: init_weights(make[name[0]](), cfg.init_type).to(device)
-            for name in NETWORKS[cfg.mode]}
+    nets = {name: init_weights(make[name[0]](), cfg.init_type) for name in NETWORKS[cfg.mode]}
+    if "H_ema" in nets:                 # NEGCUT's momentum head: its own random init (Q32),
+        nets["H_ema"].requires_grad_(False)  # moved only by the EMA, never by gradients (Q31)
+    if cfg.lambda_perc > 0 or cfg.lambda_perc_content > 0:
+        nets["vgg"] = Perceptual(cfg.vgg_weights)             # frozen: no optimiser, no checkpoint
+    return {name: net.to(device) for name, net in nets.items()}
 
 
 def make_generator(cfg: TrainConfig) -> Generator:
@@ -831,11 +1071,14 @@ def make_generator(cfg: TrainConfig) -> Generator:
 
 def build_optimizers(nets: dict, cfg: TrainConfig) -> dict:
     """One Adam per family: "G" (every generator), "D" (every discriminator),
-    "H" (every head, with --lr_H and --beta1_H when set); no weight decay."""
+    "H" (every head, with --lr_H and --beta1_H when set), "N" (NEGCUT, at --lr:
+    the official --lr_N is never read, Q29); no weight decay. Frozen networks
+    (H_ema, VGG) and the image pools get none."""
     params, opts = {}, {}
     for name, net in nets.items():
-        if name[0] in "GDHM":
-            params.setdefault("H" if name[0] == "M" else name[0], []).extend(net.parameters())
+        trained = [p for p in net.parameters() if p.requires_grad]
+        if trained:
+            params.setdefault("H" if name[0] == "M" else name[0], []).extend(trained)
     for family, group in params.items():
         lr, beta1 = cfg.lr, cfg.beta1
         if family == "H":
@@ -866,7 +1109,8 @@ def discriminator_step(opt, judged: list, cfg: TrainConfig) -> list:
 
 
 def cut_step(nets: dict, opts: dict, real_a, real_b, cfg: TrainConfig) -> dict:
-    """One CUT / FastCUT iteration [official CUT code, models/cut_model.py].
+    """One CUT / FastCUT (or NEGCUT) iteration [official CUT code, models/cut_model.py;
+    official NEGCUT code, models/negcut_model.py].
 
     Plan:
       1. Forward: y = G(x) for x = [real_a; real_b] (the identity pass rides in
@@ -878,6 +1122,15 @@ def cut_step(nets: dict, opts: dict, real_a, real_b, cfg: TrainConfig) -> dict:
          (without identity: + NCE(real_a→fake_b) alone). One backward, then
          Adam on G and on H. The paper adds the two NCE terms; the code
          averages them (×0.5), and the presets' λ refer to the code.
+    NEGCUT plays a min-max game over the negatives: between steps 2 and 3,
+      2b. N step: N ascends. L_N = −NCE + L_div, where NCE uses N's negatives
+         and q, k, H_ema's input come without gradient, so only N learns: it
+         makes negatives that the queries confuse with their positives.
+      3.  The G+H step descends the same NCE (fresh patch ids and noise), N
+         frozen but not detached: G learns to tell its patches from N's
+         hardest negatives, also through H_ema and N into its encoder.
+      4.  EMA: H_ema ← 0.9·H_ema + 0.1·H, a slowly moving copy that gives N a
+         stable summary of the image.
     Shapes: real_a, real_b n×3×S×S. Returns the detached losses (no host sync)."""
     G, D, H = nets["G"], nets["D"], nets["H"]
     n = real_a.shape[0]
@@ -890,24 +1143,48 @@ def cut_step(nets: dict, opts: dict, real_a, real_b, cfg: TrainConfig) -> dict:
     fake_b, idt_b = y[:n], y[n:]
 
     [(loss_D_real, loss_D_fake)] = discriminator_step(opts["D"], [(D, real_b, fake_b)], cfg)
+    zero = real_a.new_zeros(())
+    negcut = nets if "N" in nets else None
+
+    def nce_both(n_step: bool = False, extras: dict | None = None):
+        """(NCE(real_a→fake_b), NCE(real_b→idt_b) or 0, their combination)."""
+        nce = nce_between(real_a, fake_b, G, H, G, H, cfg, flipped, negcut, n_step, extras) \
+            if cfg.lambda_NCE > 0 else zero                   # λ_X·ℓ_PatchNCE(G, H, X)
+        nce_y = nce_between(real_b, idt_b, G, H, G, H, cfg, flipped, negcut, n_step, extras) \
+            if use_idt else zero                              # λ_Y·ℓ_PatchNCE(G, H, Y)
+        return nce, nce_y, (0.5 * (nce + nce_y) if use_idt else nce)
+
+    if negcut:                                                # 2b. N step
+        set_requires_grad(nets["N"], True)
+        opts["N"].zero_grad(set_to_none=True)
+        extras = {}                                           # L_div: last branch's negatives (Q34)
+        loss_N = -nce_both(True, extras)[2] + diversity_loss(extras["negatives"], cfg.lambda_MS_neg)
+        loss_N.backward()
+        opts["N"].step()
+        set_requires_grad(nets["N"], False)
 
     opts["G"].zero_grad(set_to_none=True)
     opts["H"].zero_grad(set_to_none=True)
-    zero = real_a.new_zeros(())
     loss_G_GAN = cfg.lambda_GAN * gan_loss(D(fake_b), True, cfg.gan_mode) \
         if cfg.lambda_GAN > 0 else zero                       # λ_GAN·L_GAN(G, D, X, Y)
-    loss_NCE = nce_between(real_a, fake_b, G, H, G, H, cfg, flipped) \
-        if cfg.lambda_NCE > 0 else zero                       # λ_X·ℓ_PatchNCE(G, H, X)
-    loss_NCE_Y = nce_between(real_b, idt_b, G, H, G, H, cfg, flipped) \
-        if use_idt else zero                                  # λ_Y·ℓ_PatchNCE(G, H, Y)
-    loss_G = loss_G_GAN + (0.5 * (loss_NCE + loss_NCE_Y) if use_idt else loss_NCE)
+    loss_NCE, loss_NCE_Y, loss_NCE_both = nce_both()
+    loss_G = loss_G_GAN + loss_NCE_both
+    loss_perc = perceptual_terms(nets, cfg, [[(idt_b, real_b)] if use_idt else []],
+                                 [(fake_b, x[:n])])           # x: the input as G saw it
+    loss_G = loss_G if loss_perc is None else loss_G + loss_perc
     loss_G.backward()
     opts["G"].step()
     opts["H"].step()
     losses = dict(D_real=loss_D_real, D_fake=loss_D_fake, G_GAN=loss_G_GAN, NCE=loss_NCE,
                   G=loss_G)
+    if negcut:                                                # 4. H_ema ← H_ema + 0.1·(H − H_ema)
+        with torch.no_grad():
+            torch._foreach_lerp_(list(nets["H_ema"].parameters()), list(H.parameters()), 0.1)
+        losses["N"] = loss_N
     if use_idt:
         losses["NCE_Y"] = loss_NCE_Y
+    if loss_perc is not None:
+        losses["perc"] = loss_perc
     return {k: v.detach() for k, v in losses.items()}
 
 
@@ -954,19 +1231,22 @@ def dual_step(nets: dict, opts: dict, real_a, real_b, cfg: TrainConfig) -> dict:
     zero = real_a.new_zeros(())
     loss_G_A = cfg.lambda_GAN * gan_loss(nets["D_b"](fake_b), True, cfg.gan_mode)
     loss_G_B = cfg.lambda_GAN * gan_loss(nets["D_a"](fake_a), True, cfg.gan_mode)
-    similar = "M_ra" in nets
-    nce1 = nce_between(real_a, fake_b, G_ab, H_a, G_ba, H_b, cfg, details=similar)
-    nce2 = nce_between(real_b, fake_a, G_ba, H_b, G_ab, H_a, cfg, details=similar)
+    similar, one, two = "M_ra" in nets, {}, {}
+    nce1 = nce_between(real_a, fake_b, G_ab, H_a, G_ba, H_b, cfg, extras=one)
+    nce2 = nce_between(real_b, fake_a, G_ba, H_b, G_ab, H_a, cfg, extras=two)
     loss_sim = zero
     if similar:                                               # fresh patch ids for the fakes (Q27)
-        (nce1, keys_a, feats_fake_b), (nce2, keys_b, feats_fake_a) = nce1, nce2
-        queries_b, _ = H_b(feats_fake_b, cfg.num_patches)
-        queries_a, _ = H_a(feats_fake_a, cfg.num_patches)
-        loss_sim = cfg.lambda_SIM * similarity_loss(keys_a, queries_a, keys_b, queries_b, nets, n)
+        queries_b, _ = H_b(one["feat_q"], cfg.num_patches)
+        queries_a, _ = H_a(two["feat_q"], cfg.num_patches)
+        loss_sim = cfg.lambda_SIM * similarity_loss(one["keys"], queries_a, two["keys"], queries_b,
+                                                    nets, n)
     loss_idt_A = cfg.lambda_IDT * F.l1_loss(idt_b, real_b) if use_idt else zero
     loss_idt_B = cfg.lambda_IDT * F.l1_loss(idt_a, real_a) if use_idt else zero
     loss_G = (0.5 * (loss_G_A + loss_G_B) + 0.5 * (nce1 + nce2)
               + 0.5 * (loss_idt_A + loss_idt_B) + loss_sim)
+    loss_perc = perceptual_terms(nets, cfg, [[(idt_b, real_b), (idt_a, real_a)] if use_idt else []],
+                                 [(fake_b, real_a), (fake_a, real_b)])
+    loss_G = loss_G if loss_perc is None else loss_G + loss_perc
     loss_G.backward()
     opts["G"].step()
     opts["H"].step()
@@ -975,6 +1255,8 @@ def dual_step(nets: dict, opts: dict, real_a, real_b, cfg: TrainConfig) -> dict:
                   G=loss_G)
     if similar:
         losses["Sim"] = loss_sim
+    if loss_perc is not None:
+        losses["perc"] = loss_perc
     return {k: v.detach() for k, v in losses.items()}
 
 
@@ -997,6 +1279,8 @@ def cyclegan_step(nets: dict, opts: dict, real_a, real_b, cfg: TrainConfig) -> d
     fake_b, fake_a, idt_b, idt_a = translate_both(nets, real_a, real_b, use_idt)
     rec_a, rec_b = nets["G_ba"](fake_b), nets["G_ab"](fake_a)   # n×3×S×S each
 
+    set_requires_grad(nets["D_a"], False)                     # the G step: D frozen, gradients
+    set_requires_grad(nets["D_b"], False)                     # pass through it to G only
     opts["G"].zero_grad(set_to_none=True)
     zero = real_a.new_zeros(())
     loss_G_A = cfg.lambda_GAN * gan_loss(nets["D_b"](fake_b), True, cfg.gan_mode)
@@ -1006,6 +1290,10 @@ def cyclegan_step(nets: dict, opts: dict, real_a, real_b, cfg: TrainConfig) -> d
     loss_idt_A = cfg.lambda_IDT * cfg.lambda_B * F.l1_loss(idt_b, real_b) if use_idt else zero
     loss_idt_B = cfg.lambda_IDT * cfg.lambda_A * F.l1_loss(idt_a, real_a) if use_idt else zero
     loss_G = loss_G_A + loss_G_B + loss_cycle_A + loss_cycle_B + loss_idt_A + loss_idt_B
+    loss_perc = perceptual_terms(nets, cfg, [[(idt_b, real_b), (idt_a, real_a)] if use_idt else [],
+                                             [(rec_a, real_a), (rec_b, real_b)]],
+                                 [(fake_b, real_a), (fake_a, real_b)])
+    loss_G = loss_G if loss_perc is None else loss_G + loss_perc
     loss_G.backward()
     opts["G"].step()
 
@@ -1015,10 +1303,13 @@ def cyclegan_step(nets: dict, opts: dict, real_a, real_b, cfg: TrainConfig) -> d
     losses = dict(D_A=0.5 * (D_A_real + D_A_fake), G_A=loss_G_A, cycle_A=loss_cycle_A,
                   idt_A=loss_idt_A, D_B=0.5 * (D_B_real + D_B_fake), G_B=loss_G_B,
                   cycle_B=loss_cycle_B, idt_B=loss_idt_B, G=loss_G)
+    if loss_perc is not None:
+        losses["perc"] = loss_perc
     return {k: v.detach() for k, v in losses.items()}
 
 
-STEPS = {"cut": cut_step, "fastcut": cut_step, "dcl": dual_step, "simdcl": dual_step,
+STEPS = {"cut": cut_step, "fastcut": cut_step, "negcut": cut_step, "fastnegcut": cut_step,
+         "dcl": dual_step, "simdcl": dual_step,
          "cyclegan": cyclegan_step}
 
 
@@ -1104,7 +1395,7 @@ def save_checkpoint(path: Path, nets: dict, cfg: TrainConfig, opts: dict | None 
     without, it is a weights snapshot that translate can still use."""
     ckpt = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "mode": cfg.mode,
             "config": dataclasses.asdict(cfg),
-            "nets": {name: net.state_dict() for name, net in nets.items()}}
+            "nets": {name: net.state_dict() for name, net in nets.items() if name != "vgg"}}
     if opts is not None:
         ckpt.update(optimizers={name: o.state_dict() for name, o in opts.items()},
                     rng=rng_state(), **counters)
@@ -1232,9 +1523,10 @@ def train(cfg: TrainConfig, source: dict, argv: list) -> int:
     opts = build_optimizers(nets, cfg)
     step, epoch, epoch_step = 0, 1, 0
     if resume is not None:
-        for name in nets:
-            load_state(nets[name], resume["nets"][name], f"{latest} ({name})")
-            opts[name].load_state_dict(resume["optimizers"][name])
+        for name, state in resume["nets"].items():
+            load_state(nets[name], state, f"{latest} ({name})")
+        for name, opt in opts.items():
+            opt.load_state_dict(resume["optimizers"][name])
         step, epoch, epoch_step = resume["step"], resume["epoch"], resume["epoch_step"]
         set_rng_state(resume["rng"])
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -1262,6 +1554,7 @@ def train(cfg: TrainConfig, source: dict, argv: list) -> int:
     stop = install_stop_handlers()
     counters = lambda: dict(step=step, epoch=epoch, epoch_step=epoch_step)  # noqa: E731
     finished = bool(cfg.max_steps) and step >= cfg.max_steps
+    skipped_files = 0
     try:
         while epoch <= cfg.total_epochs and not finished:
             lr_now = cfg.lr * lr_multiplier(epoch, cfg)
@@ -1275,21 +1568,27 @@ def train(cfg: TrainConfig, source: dict, argv: list) -> int:
                 generator=torch.Generator())                  # keeps the global RNG untouched
             batches = iter(loader)
             while True:
-                wait = time.perf_counter()
+                wait, failure = time.perf_counter(), None
                 try:
-                    real_a, real_b = next(batches)
+                    real_a, real_b, notes = next(batches)
                 except StopIteration:
                     break
-                except UserError as error:                    # re-raised from a worker: keep its last line
-                    raise UserError(str(error).strip().splitlines()[-1].partition(": ")[2]
-                                    if "\n" in str(error).strip() else str(error)) from None
+                except UserError as error:                    # from a worker: a traceback as text
+                    failure = str(error).strip().splitlines()[-1]
+                    failure = failure.partition(": ")[2] if "\n" in str(error).strip() else failure
+                if failure:
+                    raise UserError(failure)
                 meter.data_time += time.perf_counter() - wait
+                for note in filter(None, notes):
+                    print(note, file=sys.stderr)
+                    skipped_files += note.count("\n") + 1
                 losses = step_fn(nets, opts, real_a.to(device, non_blocking=True),
                                  real_b.to(device, non_blocking=True), cfg)
                 meter.add(losses)
                 step, epoch_step = step + 1, epoch_step + 1
                 finished = bool(cfg.max_steps) and step >= cfg.max_steps
-                log_now = step % cfg.print_freq == 0 or finished
+                saving = step % cfg.save_latest_freq == 0 or epoch_step == steps_per_epoch
+                log_now = step % cfg.print_freq == 0 or finished or saving or stop["signal"]
                 if log_now or (tty and time.perf_counter() - last_print > 1.0):
                     last_print = time.perf_counter()
                     report(meter, log if log_now else None, cfg, step, epoch, epoch_step,
@@ -1309,6 +1608,7 @@ def train(cfg: TrainConfig, source: dict, argv: list) -> int:
                 break
     finally:
         log.close()
+        stop["restore"]()
         if tty:
             print()
     save_checkpoint(latest, nets, cfg, opts, counters())
@@ -1318,6 +1618,8 @@ def train(cfg: TrainConfig, source: dict, argv: list) -> int:
         print(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved. Resume with:\n  {resume_cmd}")
         return 128 + stop["signal"]
     more = "--max_steps M (or 0 for every epoch)" if cfg.max_steps else "--n_epochs N"
+    if skipped_files:
+        print(f"skipped {skipped_files} reads of unreadable images (see the warnings above)")
     print(f"done: {step} steps; checkpoint {latest}, samples in {run_dir / 'samples'}. "
           f"To train longer: {resume_cmd} {more}")
     return 0
@@ -1326,11 +1628,12 @@ def train(cfg: TrainConfig, source: dict, argv: list) -> int:
 def report(meter, log, cfg, step, epoch, epoch_step, steps_per_epoch, total_steps, lr_now,
            device, tty, log_now) -> None:
     """The progress line (in place on a terminal) and, at log steps, a JSON row."""
+    first = step - meter.count + 1
     means, speed, waiting = meter.read()
     bad = [k for k, v in means.items() if not math.isfinite(v)]
-    if bad:
-        raise UserError(f"loss {bad[0]} is {means[bad[0]]} at step {step} (epoch {epoch}); the "
-                        "last checkpoint was kept. Try a lower --lr or check the data")
+    if bad:                                                   # checked before every checkpoint write
+        raise UserError(f"loss {bad[0]} became {means[bad[0]]} in steps {first}-{step} (epoch "
+                        f"{epoch}); the last checkpoint was kept. Try a lower --lr or check the data")
     losses = " ".join(f"{k} {v:.3f}" for k, v in means.items())
     memory = f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f}G" if device.type == "cuda" else ""
     line = (f"[{cfg.mode}] ep {epoch}/{cfg.total_epochs} it {epoch_step}/{steps_per_epoch} | "
@@ -1352,16 +1655,16 @@ def shutil_columns() -> int:
 
 def install_stop_handlers() -> dict:
     """Ctrl-C or SIGTERM finishes the current step, saves, and says how to
-    resume; a second Ctrl-C stops at once."""
-    stop = {"signal": 0}
+    resume; a second Ctrl-C stops at once. stop["restore"]() undoes this."""
+    stop = {"signal": 0, "restore": lambda: None}
 
     def handler(signum, frame):
         if stop["signal"]:
             raise KeyboardInterrupt
         stop["signal"] = signum
     try:
-        signal.signal(signal.SIGINT, handler)
-        signal.signal(signal.SIGTERM, handler)
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        stop["restore"] = lambda: [signal.signal(s, h) for s, h in old.items()]
     except ValueError:                                        # not the main thread (e.g. in a test)
         pass
     return stop
@@ -1442,12 +1745,22 @@ def translate(args) -> int:
         img = load_rgb(path)
         if args.resize:                                       # official test protocol: square bicubic
             img = img.resize((args.resize, args.resize), Image.Resampling.BICUBIC)
+        if args.max_side and max(img.size) > args.max_side:  # keep the aspect ratio
+            scale = args.max_side / max(img.size)
+            img = img.resize((max(8, round(img.width * scale)), max(8, round(img.height * scale))),
+                             Image.Resampling.BICUBIC)
         x = to_tensor(img)[None].to(device)                   # 1×3×h×w
         h, w = x.shape[2:]
         if min(h, w) < 8:
             raise UserError(f"{path} is {w}x{h}; images need at least 8 pixels per side")
         x = F.pad(x, (0, -w % 4, 0, -h % 4), mode="reflect")  # to a multiple of 4
-        y = G(x)[0, :, :h, :w]
+        try:
+            y = G(x)[0, :, :h, :w]
+        except RuntimeError as error:                         # torch.OutOfMemoryError included
+            if "memory" not in str(error) and "alloc" not in str(error):
+                raise
+            raise UserError(f"{path} ({w}x{h}) does not fit in {device} memory: use --max_side "
+                            f"{max(256, max(w, h) // 2)} (or another --device)") from None
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(to_uint8(y)).save(target)
@@ -1496,6 +1809,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--mode", choices=tuple(MODES), default=None,
                     help="the method an official state dict came from")
     tr.add_argument("--direction", choices=("AtoB", "BtoA"), default="AtoB")
+    tr.add_argument("--max_side", type=int, default=0, help="shrink larger images so their "
+                    "longer side is this many pixels (0 = never)")
     tr.add_argument("--resize", type=int, default=0, help="resize to this square first "
                     "(256 = the official test protocol); 0 = native resolution")
     tr.add_argument("--device", default="auto")

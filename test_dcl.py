@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -37,8 +38,11 @@ LOSS_NAMES = {"cut": {"D_real", "D_fake", "G_GAN", "NCE", "NCE_Y", "G"},
               "fastcut": {"D_real", "D_fake", "G_GAN", "NCE", "G"},
               "dcl": {"D_A", "G_A", "NCE1", "idt_A", "D_B", "G_B", "NCE2", "idt_B", "G"},
               "simdcl": {"D_A", "G_A", "NCE1", "idt_A", "D_B", "G_B", "NCE2", "idt_B", "G", "Sim"},
-              "cyclegan": {"D_A", "G_A", "cycle_A", "idt_A", "D_B", "G_B", "cycle_B", "idt_B", "G"}}
-ONE_SIDED = ["cut", "fastcut"]
+              "cyclegan": {"D_A", "G_A", "cycle_A", "idt_A", "D_B", "G_B", "cycle_B", "idt_B", "G"},
+              "negcut": {"D_real", "D_fake", "G_GAN", "NCE", "NCE_Y", "G", "N"},
+              "fastnegcut": {"D_real", "D_fake", "G_GAN", "NCE", "G", "N"}}
+ONE_SIDED = ["cut", "fastcut", "negcut", "fastnegcut"]
+TWO_SIDED = ["dcl", "simdcl", "cyclegan"]
 
 # -----------------------------------------------------------------------------
 # fixtures and helpers
@@ -96,6 +100,34 @@ def tiny_cfg(**overrides):
 
 def read_log(run_dir: Path) -> list:
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def train_in_process(capsys, *args):
+    """dcl.main(["train", ARGS]) in this process: (exit status, stdout, stderr).
+    train installs its own SIGINT/SIGTERM handlers; pytest's are put back after."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return main_in_process(capsys, "train", *args)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+
+
+def spy_on_step(opts, name, record):
+    """Call record() right before opts[name].step() runs."""
+    step = opts[name].step
+    opts[name].step = lambda *a, **k: (record(), step(*a, **k))[1]
+
+
+def translated_by_hand(G, image):
+    """What translate must write for `image`: reflect-pad to a multiple of 4,
+    G, crop back, (y + 1)/2·255 truncated to uint8 (methods.md §6)."""
+    x = torch.from_numpy(np.asarray(Image.open(image).convert("RGB"), dtype=np.float32))
+    x = (x.permute(2, 0, 1) / 255.0 - 0.5) / 0.5
+    h, w = x.shape[1:]
+    with torch.no_grad():
+        y = G(torch.nn.functional.pad(x[None], (0, -w % 4, 0, -h % 4), mode="reflect"))[0, :, :h, :w]
+    return ((y.clamp(-1, 1).permute(1, 2, 0).numpy() + 1) / 2 * 255).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -244,6 +276,80 @@ def test_official_state_dict_loads_strictly(tmp_path):
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     assert torch.equal(G(x), G2(x))
 
+
+def test_two_generator_parameter_counts_at_official_sizes():
+    """§3-§5, §8: on the meta device, the non-antialiased G (both flags off)
+    has the antialiased G's 11,378,179 parameters, the stride-2 D 2,764,737,
+    a MappingHead 10,688 (conv 4·64·9 + 64 = 2,368, two linears
+    2·(64·64 + 64) = 8,320). build_networks at official sizes (ngf = ndf = 64,
+    E = 256) trains 2·11,378,179 + 2·2,764,737 = 28,285,832 parameters for
+    CycleGAN (the pools hold buffers only), + 2·493,568 = 29,272,968 for
+    DCLGAN, + 4·10,688 = 29,315,720 for SimDCL (methods.md §1.10)."""
+    totals = {}
+    with torch.device("meta"):
+        G, D, M = dcl.Generator(64, False, False), dcl.Discriminator(64, False), dcl.MappingHead()
+        for mode in TWO_SIDED:
+            nets = dcl.build_networks(dcl.resolve_config({"mode": mode, "dataroot": "x"})[0], "meta")
+            assert list(nets) == list(dcl.NETWORKS[mode])
+            totals[mode] = sum(dcl.count_parameters(net) for net in nets.values())
+    assert [dcl.count_parameters(net) for net in (G, D, M)] == [11_378_179, 2_764_737, 10_688]
+    assert totals == {"cyclegan": 28_285_832, "dcl": 29_272_968, "simdcl": 29_315_720}
+
+
+def test_upstream_cyclegan_state_dict_keys():
+    """§3-§4: with both antialias flags off, G has upstream CycleGAN's 48 keys
+    (methods.md §1.4): model.1 (conv7 3→64), model.4 and model.7 (stride-2
+    conv3 64→128, 128→256), model.10..18.conv_block.{1,5}, the transposed
+    convs model.19 and model.22 (weights stored in×out×3×3: 256x128 and
+    128x64, biases of the output width), model.26 (conv7 64→3), and no `filt`
+    buffer. The stride-2 D has model.{0,2,5,8,11} (10 keys, methods.md §1.6).
+    Written out here, not read off the code."""
+    with torch.device("meta"):
+        G, D = dcl.Generator(64, False, False), dcl.Discriminator(64, False)
+    g = {"model.19.weight": (256, 128, 3, 3), "model.19.bias": (128,),
+         "model.22.weight": (128, 64, 3, 3), "model.22.bias": (64,)}
+    for i, shape in {1: (64, 3, 7, 7), 4: (128, 64, 3, 3), 7: (256, 128, 3, 3),
+                     26: (3, 64, 7, 7)}.items():
+        g.update(weight_and_bias(f"model.{i}", shape))
+    for block in range(10, 19):
+        for conv in (1, 5):
+            g.update(weight_and_bias(f"model.{block}.conv_block.{conv}", (256, 256, 3, 3)))
+    d = {}
+    for i, (o, c) in {0: (64, 3), 2: (128, 64), 5: (256, 128), 8: (512, 256), 11: (1, 512)}.items():
+        d.update(weight_and_bias(f"model.{i}", (o, c, 4, 4)))
+    assert (len(g), len(d), len(G.model), len(D.model)) == (48, 10, 28, 12)
+    assert shapes(G) == g and shapes(D) == d
+
+
+def test_non_antialiased_shapes():
+    """§3-§4: the non-antialiased G maps 64x64 to 3x64x64 (two stride-2 convs
+    64 → 32 → 16, two transposed convs with output_padding 1 back to 64); the
+    stride-2 D (ndf 8) maps 256x256 to a 1x30x30 score map: k4 s2 p1 gives
+    256 → 128 → 64 → 32, then k4 s1 p1 gives 31 and 30 (methods.md §1.6)."""
+    torch.manual_seed(0)
+    G = dcl.init_weights(dcl.Generator(8, False, False), "normal")
+    D = dcl.init_weights(dcl.Discriminator(8, False), "normal")
+    with torch.no_grad():
+        y = G(torch.rand(2, 3, 64, 64) * 2 - 1)
+        scores = D(torch.rand(1, 3, 256, 256) * 2 - 1)
+    assert y.shape == (2, 3, 64, 64) and y.min() >= -1 and y.max() <= 1
+    assert scores.shape == (1, 1, 30, 30)
+
+
+def test_translate_official_cyclegan_generator(data, tmp_path, capsys):
+    """§10: a random non-antialiased G saved as CycleGAN's latest_net_G_A.pth
+    loads strictly under `translate --mode cyclegan` (which builds the 28-entry
+    G), and the PNG for a 37x29 image equals G(x) computed here."""
+    torch.manual_seed(0)
+    G = dcl.init_weights(dcl.Generator(8, False, False), "normal").eval()
+    torch.save(G.state_dict(), tmp_path / "latest_net_G_A.pth")
+    image = data / "testA" / "sub" / "2.png"
+    translate_in_process(capsys, tmp_path / "latest_net_G_A.pth", image, tmp_path / "out",
+                         "--mode", "cyclegan")
+    expected = translated_by_hand(G, image)
+    assert expected.shape == (29, 37, 3) and expected.std() > 1      # not a flat grey image
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "2.png")), expected)
+
 # -----------------------------------------------------------------------------
 # projection head (§5)
 # -----------------------------------------------------------------------------
@@ -269,6 +375,60 @@ def test_projection_head():
     assert torch.equal(ids_again[0], ids_big) and torch.equal(again, z_big)
     (twins, _), _ = H([big[:1].expand(2, -1, -1, -1), small], 16)
     assert torch.equal(twins[:16], twins[16:])               # same positions for both images
+
+# -----------------------------------------------------------------------------
+# image pool (§5)
+# -----------------------------------------------------------------------------
+
+def test_image_pool_fills_then_swaps_at_random():
+    """§5: capacity 3. The first 3 fakes are stored in slots 0..2 and returned
+    unchanged (count 1, 2, 3). Once full, each returned image is either the new
+    one (pool unchanged) or exactly one stored image, whose slot then holds the
+    new one (methods.md §3.6); with the torch RNG seeded, both happen within 20
+    draws, and the count stays 3."""
+    pool = dcl.ImagePool(3, 4)
+    torch.manual_seed(0)
+    for i in range(3):
+        fake = torch.rand(1, 3, 4, 4)
+        assert torch.equal(pool(fake), fake) and pool.count == i + 1
+        assert torch.equal(pool.images[i], fake[0])
+    passed = swapped = 0
+    for _ in range(20):
+        before, new = pool.images.clone(), torch.rand(1, 3, 4, 4)
+        out = pool(new)
+        if torch.equal(out, new):
+            assert torch.equal(pool.images, before)
+            passed += 1
+        else:
+            [slot] = [s for s in range(3) if torch.equal(out[0], before[s])]
+            before[slot] = new[0]
+            assert torch.equal(pool.images, before)
+            swapped += 1
+    assert passed and swapped and pool.count == 3
+
+
+def test_image_pool_of_capacity_0_passes_fakes_through():
+    """§5: with capacity 0 (--pool_size 0, upstream's "no pool") the pool
+    returns its input, detached, whatever the RNG draws."""
+    pool = dcl.ImagePool(0, 4)
+    torch.manual_seed(0)
+    fakes = torch.rand(4, 3, 4, 4, requires_grad=True)
+    out = pool(fakes)
+    assert torch.equal(out, fakes) and not out.requires_grad and pool.count == 0
+
+
+def test_image_pool_state_round_trips(tmp_path):
+    """§5, §9: the pool's images and its count travel through state_dict /
+    load_state_dict (count as extra state), also via torch.save and
+    torch.load(weights_only=True), as in checkpoints."""
+    pool = dcl.ImagePool(3, 4)
+    pool(torch.rand(2, 3, 4, 4))
+    torch.save(pool.state_dict(), tmp_path / "pool.pt")
+    for state in (pool.state_dict(), torch.load(tmp_path / "pool.pt", weights_only=True)):
+        other = dcl.ImagePool(3, 4)
+        other.load_state_dict(state, strict=True)
+        assert other.count == 2 and torch.equal(other.images, pool.images)
+        assert other.images[:2].any() and not other.images[2].any()
 
 # -----------------------------------------------------------------------------
 # losses (§6)
@@ -377,6 +537,77 @@ def test_nce_between_flip_back():
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
     assert losses[2] != pytest.approx(losses[1], rel=1e-2)   # without flip_back it differs
 
+
+def test_whole_batch_negatives():
+    """§6: n_images = 1 views an (n·S)xE batch as one pool (DCLGAN, methods.md
+    §2.3, Q23): it equals the slow loop run as one image of n·S = 15 patches,
+    i.e. every query's negatives are all 15 keys but its own (−10 there). Each
+    row then has 10 more positive terms in its denominator than with
+    same-image negatives, so its loss is strictly larger. Through nce_between,
+    DCLGAN's switch changes nothing at batch 1 (torch.equal, same patch ids)
+    and changes the loss at batch 2."""
+    torch.manual_seed(0)
+    unit = lambda t: t / t.norm(dim=1, keepdim=True)          # noqa: E731
+    q, k = unit(torch.randn(15, 8)), unit(torch.randn(15, 8))
+    pooled = dcl.patch_nce_loss(q, k, 1, 0.07)
+    assert pooled.shape == (15,)
+    assert torch.allclose(pooled, slow_patch_nce(q, k, 1, 0.07), atol=1e-6, rtol=1e-6)
+    assert (pooled > dcl.patch_nce_loss(q, k, 3, 0.07)).all()
+    whole = tiny_cfg(mode="dcl")
+    same = tiny_cfg(mode="dcl", nce_includes_all_negatives_from_minibatch=False)
+    assert whole.nce_includes_all_negatives_from_minibatch
+    G = dcl.init_weights(dcl.Generator(8))
+    H = dcl.init_weights(dcl.ProjectionHead(G.tap_channels(whole.layer_ids), 16))
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    losses = {}
+    for n in (1, 2):
+        for name, cfg in (("whole", whole), ("same", same)):
+            torch.manual_seed(1)
+            with torch.no_grad():
+                losses[name, n] = dcl.nce_between(x[:n], y[:n], G, H, G, H, cfg)
+    assert torch.equal(losses["whole", 1], losses["same", 1])
+    assert losses["whole", 2] > losses["same", 2]
+
+
+def literal_similarity(keys_a, queries_a, keys_b, queries_b, heads):
+    """The official batch-1 SimDCL construction (methods.md §3.5, Q26): each
+    set's L layers are copied by slice assignment into a 1xLxSxE tensor, one
+    mapping head per set, mean|v_ra − v_fa| + mean|v_fb − v_rb|."""
+    def stack(feats):
+        out = torch.zeros(1, len(feats), *feats[0].shape)
+        for l, f in enumerate(feats):
+            out[0, l] = f
+        return out
+    v_ra, v_fa = heads["M_ra"](stack(keys_a)), heads["M_fa"](stack(queries_a))
+    v_fb, v_rb = heads["M_fb"](stack(queries_b)), heads["M_rb"](stack(keys_b))
+    return (v_ra - v_fa).abs().mean() + (v_fb - v_rb).abs().mean()
+
+
+def test_similarity_loss_equals_the_official_batch_1_construction():
+    """§6: similarity_loss at batch 1 equals the literal official construction
+    (L = 4, S = E = 16); at batch 4 it equals the mean of the four per-image
+    values (the L1 mean over n×64 is the mean of per-image means); and its
+    gradient reaches all four mapping heads and every feature set, the keys
+    included (nothing detached, Q27)."""
+    torch.manual_seed(0)
+    L, S, E, n = 4, 16, 16, 4
+    heads = {name: dcl.MappingHead(L) for name in ("M_ra", "M_fb", "M_rb", "M_fa")}
+    unit = lambda t: t / t.norm(dim=1, keepdim=True)          # noqa: E731
+    sets = [[unit(torch.randn(n * S, E)).requires_grad_() for _ in range(L)] for _ in range(4)]
+    per_image = []
+    for b in range(n):
+        one = [[f[b * S:(b + 1) * S] for f in feats] for feats in sets]
+        per_image.append(literal_similarity(*one, heads))
+        assert dcl.similarity_loss(*one, heads, 1).item() == pytest.approx(per_image[-1].item(), abs=1e-7)
+    assert len({round(v.item(), 6) for v in per_image}) == n       # four different images
+    loss = dcl.similarity_loss(*sets, heads, n)
+    assert loss.item() == pytest.approx(torch.stack(per_image).mean().item(), rel=1e-6)
+    loss.backward()
+    for feats in sets:                                        # keys_a, queries_a, keys_b, queries_b
+        assert all(f.grad is not None and f.grad.any() for f in feats)
+    for name, head in heads.items():
+        assert all(p.grad is not None and p.grad.any() for p in head.parameters()), name
+
 # -----------------------------------------------------------------------------
 # the training step (§8)
 # -----------------------------------------------------------------------------
@@ -425,8 +656,154 @@ def test_cut_step_losses(mode):
                           torch.rand(1, 3, 32, 32), cfg)
     assert set(losses) == LOSS_NAMES[mode]
     assert all(torch.isfinite(v) and not v.requires_grad for v in losses.values())
-    nce = 0.5 * (losses["NCE"] + losses["NCE_Y"]) if mode == "cut" else losses["NCE"]
+    nce = 0.5 * (losses["NCE"] + losses["NCE_Y"]) if "NCE_Y" in losses else losses["NCE"]
     assert losses["G"].item() == pytest.approx((losses["G_GAN"] + nce).item(), rel=1e-6)
+
+
+def gradients(nets):
+    """{net name: [a copy of each parameter's .grad, or None]}."""
+    return {name: [None if p.grad is None else p.grad.clone() for p in net.parameters()]
+            for name, net in nets.items()}
+
+
+@pytest.mark.parametrize("mode", ["dcl", "simdcl"])
+def test_dual_step_gradient_routing(mode):
+    """§8: dual_step's D step (fakes detached) gives G_ab, G_ba, H_a, H_b (and
+    SimDCL's M heads) no gradient and D_a and D_b gradients, non-zero except
+    for the last conv's bias b: with hinge, ∂L_D/∂b = 0.5·(−1 + 1) = 0 exactly
+    while every score lies in (−1, 1), as at init. The G step leaves the D
+    gradients as the D step left them (D frozen); at the G step every
+    parameter of the generators and heads has a non-zero gradient; after the
+    step every trained parameter has changed (but that bias)."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(mode=mode)
+    nets, seen = dcl.build_networks(cfg, "cpu"), {}
+    opts = dcl.build_optimizers(nets, cfg)
+    spy_on_step(opts, "D", lambda: seen.update(at_D=gradients(nets)))
+    spy_on_step(opts, "G", lambda: seen.update(at_G=gradients(nets)))
+    before = {k: [p.detach().clone() for p in net.parameters()] for k, net in nets.items()}
+    dcl.dual_step(nets, opts, torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1, cfg)
+    others = [k for k in nets if k[0] != "D"]
+    heads = ["M_ra", "M_fb", "M_rb", "M_fa"] if mode == "simdcl" else []
+    assert others == ["G_ab", "G_ba", "H_a", "H_b"] + heads
+    for name in ("D_a", "D_b"):
+        *rest, last_bias = seen["at_D"][name]
+        assert all(g is not None and g.any() for g in rest) and not last_bias.any(), name
+        assert all(torch.equal(a, b) for a, b in zip(seen["at_D"][name], seen["at_G"][name])), name
+    for name in others:
+        assert all(g is None for g in seen["at_D"][name]), name
+        assert all(g is not None and g.any() for g in seen["at_G"][name]), name
+    for k, net in nets.items():
+        for (name, p), old in zip(net.named_parameters(), before[k]):
+            assert torch.equal(p, old) == (k[0] == "D" and name == "model.14.bias"), f"{k}.{name}"
+
+
+def test_dual_nce_pairing_rule():
+    """§8: NCE1 = nce_between(real_a, fake_b, G_ab, H_a, G_ba, H_b): keys
+    H_a(G_ab.encode(real_a)), detached; queries H_b(G_ba.encode(fake_b)). So
+    NCE1 alone (fake_b a fixed image) gives H_a and G_ab no gradient and every
+    parameter of H_b a non-zero one, and reaches G_ba's encoder: H_a learns
+    only from NCE2's queries (methods.md §3.4)."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(mode="dcl")
+    nets = dcl.build_networks(cfg, "cpu")
+    real_a, fake_b = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
+    dcl.nce_between(real_a, fake_b, nets["G_ab"], nets["H_a"], nets["G_ba"], nets["H_b"], cfg).backward()
+    grads = gradients(nets)
+    assert all(g is None or not g.any() for name in ("G_ab", "H_a") for g in grads[name])
+    assert all(g is not None and g.any() for g in grads["H_b"])
+    assert nets["G_ba"].model[1].weight.grad.any()           # the first conv of the query encoder
+
+
+@pytest.mark.parametrize("mode", TWO_SIDED)
+def test_two_generator_step_losses(mode):
+    """§8: dual_step and cyclegan_step return the official loss names, finite,
+    detached scalars, and G is the documented combination of the returned terms:
+    DCLGAN/SimDCL G = 0.5·(G_A + G_B) + 0.5·(NCE1 + NCE2) + 0.5·(idt_A + idt_B)
+    (+ Sim); CycleGAN G = G_A + G_B + cycle_A + cycle_B + idt_A + idt_B.
+    Terms recomputed here from the nets before the step: every D_* term (the
+    first pool call returns the fake itself), idt_A = λ_IDT·(λ_B)·mean|G_ab(real_b) − real_b|
+    (1· for DCLGAN/SimDCL, 0.5·10 for CycleGAN), idt_B likewise, and for
+    CycleGAN, whose G step comes first, G_A = mean((D_b(G_ab(real_a)) − 1)²),
+    G_B and cycle_A = 10·mean|G_ba(G_ab(real_a)) − real_a|, cycle_B."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(mode=mode)
+    nets = dcl.build_networks(cfg, "cpu")
+    real_a, real_b = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
+    G_ab, G_ba, D_a, D_b = (nets[k] for k in ("G_ab", "G_ba", "D_a", "D_b"))
+    l1 = lambda x, y: (x - y).abs().mean()                    # noqa: E731
+    idt = 5.0 if mode == "cyclegan" else 1.0
+    with torch.no_grad():
+        fake_b, fake_a = G_ab(real_a), G_ba(real_b)
+        expected = dict(idt_A=idt * l1(G_ab(real_b), real_b), idt_B=idt * l1(G_ba(real_a), real_a))
+        if mode == "cyclegan":
+            expected.update(D_A=0.5 * ((D_b(real_b) - 1) ** 2 + D_b(fake_b) ** 2).mean(),
+                            D_B=0.5 * ((D_a(real_a) - 1) ** 2 + D_a(fake_a) ** 2).mean(),
+                            G_A=((D_b(fake_b) - 1) ** 2).mean(), G_B=((D_a(fake_a) - 1) ** 2).mean(),
+                            cycle_A=10 * l1(G_ba(fake_b), real_a), cycle_B=10 * l1(G_ab(fake_a), real_b))
+        else:
+            expected.update(D_A=0.5 * ((1 - D_b(real_b)).relu().mean() + (1 + D_b(fake_b)).relu().mean()),
+                            D_B=0.5 * ((1 - D_a(real_a)).relu().mean() + (1 + D_a(fake_a)).relu().mean()))
+    losses = dcl.STEPS[mode](nets, dcl.build_optimizers(nets, cfg), real_a, real_b, cfg)
+    assert set(losses) == LOSS_NAMES[mode]
+    assert all(v.shape == () and torch.isfinite(v) and not v.requires_grad for v in losses.values())
+    for name, value in expected.items():
+        assert losses[name].item() == pytest.approx(value.item(), rel=1e-5), name
+    if mode == "cyclegan":
+        combination = sum(losses[k] for k in ("G_A", "G_B", "cycle_A", "cycle_B", "idt_A", "idt_B"))
+    else:
+        combination = 0.5 * (losses["G_A"] + losses["G_B"]) + 0.5 * (losses["NCE1"] + losses["NCE2"]) \
+            + 0.5 * (losses["idt_A"] + losses["idt_B"]) + losses.get("Sim", 0.0)
+    assert losses["G"].item() == pytest.approx(float(combination), rel=1e-6)
+    assert mode != "simdcl" or losses["Sim"] > 0
+
+
+class ScaleByW(torch.nn.Module):
+    """x·w with one trainable scalar w = 1: an identity generator that backward
+    and Adam can still work on."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return x * self.w
+
+
+def test_cyclegan_identity_generators_give_zero_cycle_and_identity():
+    """§8: with G_ab = G_ba = identity (x·1), rec_a = real_a, rec_b = real_b,
+    idt_b = real_b, idt_a = real_a, so cycle_A, cycle_B, idt_A and idt_B are
+    exactly 0 and G = G_A + G_B; the adversarial term still moves w."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(mode="cyclegan")
+    nets = dcl.build_networks(cfg, "cpu")
+    nets.update(G_ab=ScaleByW(), G_ba=ScaleByW())
+    losses = dcl.cyclegan_step(nets, dcl.build_optimizers(nets, cfg), torch.rand(1, 3, 32, 32) * 2 - 1,
+                               torch.rand(1, 3, 32, 32) * 2 - 1, cfg)
+    assert [losses[k].item() for k in ("cycle_A", "cycle_B", "idt_A", "idt_B")] == [0.0] * 4
+    assert losses["G"].item() == pytest.approx((losses["G_A"] + losses["G_B"]).item(), rel=1e-6)
+    assert nets["G_ab"].w.item() != 1.0 and nets["G_ba"].w.item() != 1.0
+
+
+def test_cyclegan_step_gradient_routing():
+    """§8: cyclegan_step's G step runs with D_a and D_b frozen (its docstring;
+    methods.md §3.6, §4: requires_grad False), so D has no gradient when Adam
+    steps G, also on a run's first step, while every generator parameter has
+    a non-zero one; the D step (pooled fakes, detached) leaves the generators'
+    gradients as the G step left them and gives every D parameter a non-zero
+    gradient (lsgan: no cancelling bias term)."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(mode="cyclegan")
+    nets, seen = dcl.build_networks(cfg, "cpu"), {}
+    opts = dcl.build_optimizers(nets, cfg)
+    spy_on_step(opts, "G", lambda: seen.update(at_G=gradients(nets)))
+    spy_on_step(opts, "D", lambda: seen.update(at_D=gradients(nets)))
+    dcl.cyclegan_step(nets, opts, torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1, cfg)
+    for name in ("G_ab", "G_ba"):
+        assert all(g is not None and g.any() for g in seen["at_G"][name]), name
+        assert all(torch.equal(a, b) for a, b in zip(seen["at_G"][name], seen["at_D"][name])), name
+    assert all(g is not None and g.any() for name in ("D_a", "D_b") for g in seen["at_D"][name])
+    assert all(g is None for name in ("D_a", "D_b") for g in seen["at_G"][name])
 
 # -----------------------------------------------------------------------------
 # config and schedule (§1, §9)
@@ -458,6 +835,79 @@ def test_mode_presets_and_precedence():
             (2e-4, (0.5, 0.999), 0)
 
 
+def test_two_generator_presets_and_networks():
+    """§1 (methods.md §3.4-§3.6, Q17, Q21-Q28): DCLGAN taps 4,8,12,16 with
+    hinge, λ_NCE 2, λ_IDT 1, whole-batch negatives, no pool, heads at lr 1e-3
+    and beta1 0.9, 200 + 200 epochs. SimDCL: the same but λ_NCE 1 (the
+    effective weight: the official λ_NCE 2 is never applied), λ_SIM 10, heads
+    at --lr and --beta1. CycleGAN: lsgan, λ_IDT 0.5, λ_A = λ_B = 10, a pool of
+    50, normal init, both antialias flags off, 100 + 100 epochs with crops in
+    the decay epochs. None of them runs CUT's identity NCE. NETWORKS lists each
+    mode's nets, and build_networks builds them: CycleGAN's G has the 28
+    upstream entries, N(0, 0.02²) weights (a 32x32x3x3 resblock conv at ngf 8:
+    9,216 draws, std within 5% of 0.02) and pools of 50 crop-size images."""
+    d, s, c = (dcl.resolve_config({"mode": m, "dataroot": "x"})[0] for m in TWO_SIDED)
+    common = lambda cfg: (  # noqa: E731
+        cfg.layer_ids, cfg.gan_mode, cfg.nce_includes_all_negatives_from_minibatch, cfg.nce_idt,
+        cfg.lambda_IDT, cfg.pool_size, cfg.init_type, cfg.no_antialias, cfg.no_antialias_up,
+        cfg.n_epochs, cfg.n_epochs_decay)
+    assert common(d) == common(s) == ((4, 8, 12, 16), "hinge", True, False, 1.0, 0, "xavier",
+                                      False, False, 200, 200)
+    assert (d.lambda_NCE, d.lambda_SIM, d.lr_H, d.beta1_H) == (2.0, 0.0, 1e-3, 0.9)
+    assert (s.lambda_NCE, s.lambda_SIM, s.lr_H, s.beta1_H) == (1.0, 10.0, 0.0, -1.0)
+    assert (c.gan_mode, c.lambda_IDT, c.lambda_A, c.lambda_B, c.pool_size, c.init_type, c.no_antialias,
+            c.no_antialias_up, c.n_epochs, c.n_epochs_decay, c.crop_in_decay, c.nce_idt, c.lambda_SIM) == \
+        ("lsgan", 0.5, 10.0, 10.0, 50, "normal", True, True, 100, 100, True, False, 0.0)
+    assert not d.crop_in_decay and not s.crop_in_decay
+    assert {m: dcl.NETWORKS[m] for m in ONE_SIDED + TWO_SIDED} == {
+        "cut": ("G", "D", "H"), "fastcut": ("G", "D", "H"),
+        "negcut": ("G", "D", "H", "N", "H_ema"), "fastnegcut": ("G", "D", "H", "N", "H_ema"),
+        "dcl": ("G_ab", "G_ba", "D_a", "D_b", "H_a", "H_b"),
+        "simdcl": ("G_ab", "G_ba", "D_a", "D_b", "H_a", "H_b", "M_ra", "M_fb", "M_rb", "M_fa"),
+        "cyclegan": ("G_ab", "G_ba", "D_a", "D_b", "pool_a", "pool_b")}
+    torch.manual_seed(0)
+    nets = dcl.build_networks(tiny_cfg(mode="cyclegan"), "cpu")
+    assert (len(nets["G_ab"].model), len(nets["D_a"].model)) == (28, 12)
+    assert nets["G_ab"].model[12].conv_block[1].weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert nets["pool_a"].images.shape == (50, 3, 32, 32) and nets["pool_b"].count == 0
+    nets = dcl.build_networks(tiny_cfg(mode="simdcl"), "cpu")
+    assert (len(nets["G_ab"].model), len(nets["D_a"].model), nets["H_a"].n_layers) == (32, 15, 4)
+    assert all(isinstance(nets[k], dcl.MappingHead) for k in ("M_ra", "M_fb", "M_rb", "M_fa"))
+
+
+@pytest.mark.parametrize("mode", TWO_SIDED)
+def test_two_generator_optimizers(mode):
+    """§8 (methods.md §4): one Adam per family, no weight decay: G over G_ab ∪
+    G_ba and D over D_a ∪ D_b, both (2e-4, (0.5, 0.999)); H over H_a ∪ H_b at
+    Adam's defaults (1e-3, (0.9, 0.999)) for DCLGAN (Q17), over H_a ∪ H_b and
+    the four mapping heads at (2e-4, (0.5, 0.999)) for SimDCL; CycleGAN has
+    no H. Every parameter of every net is in exactly one optimiser, that of
+    its family; the pools have no parameters, and their buffers are in none."""
+    cfg = tiny_cfg(mode=mode)
+    nets = dcl.build_networks(cfg, "cpu")
+    opts = dcl.build_optimizers(nets, cfg)
+    expected = {"G": (2e-4, (0.5, 0.999)), "D": (2e-4, (0.5, 0.999))}
+    if mode != "cyclegan":
+        expected["H"] = (1e-3, (0.9, 0.999)) if mode == "dcl" else (2e-4, (0.5, 0.999))
+    assert {k: (o.defaults["lr"], o.defaults["betas"]) for k, o in opts.items()} == expected
+    for opt in opts.values():
+        assert isinstance(opt, torch.optim.Adam) and len(opt.param_groups) == 1
+        assert opt.defaults["weight_decay"] == 0
+        assert opt.param_groups[0]["initial_lr"] == opt.param_groups[0]["lr"] == opt.defaults["lr"]
+    family = {"G_ab": "G", "G_ba": "G", "D_a": "D", "D_b": "D", "H_a": "H", "H_b": "H",
+              "M_ra": "H", "M_fb": "H", "M_rb": "H", "M_fa": "H", "pool_a": None, "pool_b": None}
+    owners = {}
+    for name, opt in opts.items():
+        for p in opt.param_groups[0]["params"]:
+            owners.setdefault(id(p), []).append(name)
+    for name, net in nets.items():
+        assert all(owners.get(id(p)) == [family[name]] for p in net.parameters()), name
+    assert sum(len(o.param_groups[0]["params"]) for o in opts.values()) == \
+        sum(len(list(net.parameters())) for net in nets.values())
+    for name in ("pool_a", "pool_b")[:2 if mode == "cyclegan" else 0]:
+        assert not list(nets[name].parameters()) and id(nets[name].images) not in owners
+
+
 def test_lr_multiplier_known_answers():
     """§9: 1 − max(0, e − 200)/201 for 200 + 200 epochs: 1 for epochs 1..200,
     1 − 1/201 at 201, and 1/201 (never 0) at 400."""
@@ -482,7 +932,8 @@ def test_no_crop_in_decay_epochs(data):
     assert not any(dcl.EpochSampler(4, keep, e).no_crop for e in (1, 2, 3, 4))
     key = next(iter(dcl.EpochSampler(4, cfg, 3)))
     assert key[2] is True
-    real_a, real_b = dcl.UnpairedDataset(cfg)[key]
+    real_a, real_b, skipped = dcl.UnpairedDataset(cfg)[key]
+    assert skipped == ""
     assert torch.allclose(real_a, expected_resize(sorted((data / "trainA").iterdir())[key[1]], 32),
                           atol=1e-6)
     assert any(torch.allclose(real_b, expected_resize(p, 32), atol=1e-6)
@@ -519,14 +970,14 @@ def test_dataset_modes_lengths_and_reproducibility(data):
     dataset = dcl.UnpairedDataset(cfg)
     assert len(dataset) == 4
     for index in range(4):                                    # RGB, L, RGBA, P
-        a, b = dataset[(index + 7, index, False)]
+        a, b, _ = dataset[(index + 7, index, False)]
         assert a.shape == b.shape == (3, 32, 32) and a.min() >= -1 and a.max() <= 1
-    gray, _ = dataset[(1, 1, True)]
+    gray, _, _ = dataset[(1, 1, True)]
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
     first, again = dataset[(123, 2, False)], dataset[(123, 2, False)]
-    assert all(torch.equal(x, y) for x, y in zip(first, again))
+    assert all(torch.equal(x, y) for x, y in zip(first[:2], again[:2]))
     serial = dcl.UnpairedDataset(tiny_cfg(dataroot=str(data), serial_batches=True, no_flip=True))
-    _, b = serial[(5, 3, True)]
+    _, b, _ = serial[(5, 3, True)]
     assert torch.allclose(b, expected_resize(data / "trainB" / "0.png", 32), atol=1e-6)
 
 # -----------------------------------------------------------------------------
@@ -542,7 +993,8 @@ def test_train_then_translate(mode, runs, data, tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = read_log(run_dir)
     assert [r["step"] for r in rows] == [1, 2]
-    assert all(LOSS_NAMES[mode] <= set(r) and ("NCE_Y" in r) == (mode == "cut") for r in rows)
+    assert all(LOSS_NAMES[mode] <= set(r) and ("NCE_Y" in r) == (mode in ("cut", "negcut"))
+               for r in rows)
     assert json.loads((run_dir / "config.json").read_text())["mode"] == mode
     assert (run_dir / "ckpt_latest.pt").is_file()
     assert Image.open(run_dir / "samples" / "latest.png").size[0] > 32
@@ -596,32 +1048,31 @@ def translate_in_process(capsys, checkpoint, source, output, *extra):
     assert code == 0, err
 
 
-@pytest.mark.parametrize("mode", ONE_SIDED)
+@pytest.mark.parametrize("mode", list(dcl.MODES))
 def test_checkpoint_round_trip(mode, runs, data, tmp_path, capsys):
     """§9-§10: the checkpoint loads with weights_only=True; translate's output
-    for a 37x29 image equals G(x) computed here: reflect-pad to 40x32, G, crop
-    back, (y + 1)/2·255 truncated to uint8."""
+    for a 37x29 image equals G(x) computed here (G_ab in two-generator modes,
+    built from the stored config, so CycleGAN's is the non-antialiased G):
+    reflect-pad to 40x32, G, crop back, (y + 1)/2·255 truncated to uint8."""
     _, run_dir = runs(mode)
     ckpt = torch.load(run_dir / "ckpt_latest.pt", weights_only=True)
-    G = dcl.Generator(ckpt["config"]["ngf"])
-    G.load_state_dict(ckpt["nets"]["G"])
+    G = dcl.make_generator(dcl.TrainConfig(**ckpt["config"]))
+    G.load_state_dict(ckpt["nets"]["G" if "G" in ckpt["nets"] else "G_ab"])
     image = data / "testA" / "sub" / "2.png"
     translate_in_process(capsys, run_dir / "ckpt_latest.pt", image, tmp_path)
-    x = torch.from_numpy(np.asarray(Image.open(image).convert("RGB"), dtype=np.float32))
-    x = (x.permute(2, 0, 1) / 255.0 - 0.5) / 0.5
-    with torch.no_grad():
-        y = G(torch.nn.functional.pad(x[None], (0, 3, 0, 3), mode="reflect"))[0, :, :29, :37]
-    expected = ((y.clamp(-1, 1).permute(1, 2, 0).numpy() + 1) / 2 * 255).astype(np.uint8)
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "2.png")), expected)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "2.png")), translated_by_hand(G, image))
 
 
-@pytest.mark.parametrize("mode", ONE_SIDED)
+@pytest.mark.parametrize("mode", list(dcl.MODES))
 def test_translate_official_state_dict(mode, runs, data, tmp_path, capsys):
-    """§10: G's weights saved as an official latest_net_G.pth translate to
-    byte-identical PNGs given --mode; without --mode, exit 2 naming --mode."""
+    """§10: G's weights (G_ab's in two-generator modes) saved as an official
+    latest_net_G.pth (latest_net_G_A.pth) translate to byte-identical PNGs
+    given --mode; without --mode, exit 2 naming --mode."""
     _, run_dir = runs(mode)
-    official = tmp_path / "latest_net_G.pth"
-    torch.save(torch.load(run_dir / "ckpt_latest.pt", weights_only=True)["nets"]["G"], official)
+    nets = torch.load(run_dir / "ckpt_latest.pt", weights_only=True)["nets"]
+    one_sided = "G" in nets
+    official = tmp_path / ("latest_net_G.pth" if one_sided else "latest_net_G_A.pth")
+    torch.save(nets["G" if one_sided else "G_ab"], official)
     translate_in_process(capsys, run_dir / "ckpt_latest.pt", data / "testA", tmp_path / "ours")
     translate_in_process(capsys, official, data / "testA", tmp_path / "theirs", "--mode", mode)
     ours = sorted(p.relative_to(tmp_path / "ours") for p in (tmp_path / "ours").rglob("*.png"))
@@ -631,6 +1082,51 @@ def test_translate_official_state_dict(mode, runs, data, tmp_path, capsys):
     code, _, err = main_in_process(capsys, "translate", "--checkpoint", official, "--input",
                                    data / "testA", "--output", tmp_path / "x", "--device", "cpu")
     assert code == 2 and "--mode" in err
+
+
+def test_translate_btoa_uses_g_ba(runs, data, tmp_path, capsys):
+    """§10: --direction BtoA on a DCLGAN checkpoint translates with G_ba: on
+    testB its PNGs differ from the AtoB ones (G_ab), and the one for 0.png
+    equals G_ba(x) computed here from the checkpoint."""
+    _, run_dir = runs("dcl")
+    checkpoint = run_dir / "ckpt_latest.pt"
+    translate_in_process(capsys, checkpoint, data / "testB", tmp_path / "ab")
+    translate_in_process(capsys, checkpoint, data / "testB", tmp_path / "ba", "--direction", "BtoA")
+    names = sorted(p.name for p in (tmp_path / "ba").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "ab").iterdir()) == ["0.png", "1.png"]
+    read = lambda path: np.asarray(Image.open(path))         # noqa: E731
+    assert all(not np.array_equal(read(tmp_path / "ab" / n), read(tmp_path / "ba" / n)) for n in names)
+    ckpt = torch.load(checkpoint, weights_only=True)
+    G_ba = dcl.make_generator(dcl.TrainConfig(**ckpt["config"]))
+    G_ba.load_state_dict(ckpt["nets"]["G_ba"])
+    expected = translated_by_hand(G_ba, data / "testB" / "0.png")
+    assert np.array_equal(read(tmp_path / "ba" / "0.png"), expected)
+
+
+def test_resume_cyclegan_restores_the_image_pools(data, tmp_path, capsys):
+    """§9: CycleGAN, 4 steps in one run equal 2 steps, then --continue_train
+    to 4: identical log rows 3-4 and identical nets, the pools' images and
+    counts included. --pool_size 1 makes the pools full after step 1, so from
+    step 2 on D sees a random mix of the restored pool and new fakes (torch
+    RNG). In-process (no --deterministic: it would switch torch's global
+    deterministic mode on for the rest of the session; the CPU kernels used
+    here are deterministic anyway)."""
+    mode = "cyclegan"
+    flags = ["--mode", mode, "--dataroot", data, *TINY, "--pool_size", 1, "--seed", 1,
+             "--checkpoints_dir", tmp_path]
+    for name, extra in (("A", ["--max_steps", 4]), ("B", ["--max_steps", 2]),
+                        ("B", ["--max_steps", 4, "--continue_train"])):
+        code, _, err = train_in_process(capsys, *flags, "--name", name, *extra)
+        assert code == 0, err
+    a, b = read_log(tmp_path / "A"), read_log(tmp_path / "B")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    for row_a, row_b in zip(a[2:], b[2:]):
+        assert {k: row_a[k] for k in LOSS_NAMES[mode]} == {k: row_b[k] for k in LOSS_NAMES[mode]}
+    nets_a, nets_b = (torch.load(tmp_path / n / "ckpt_latest.pt", weights_only=True)["nets"] for n in "AB")
+    assert [nets[p]["_extra_state"] for nets in (nets_a, nets_b) for p in ("pool_a", "pool_b")] == [1] * 4
+    for net in dcl.NETWORKS["cyclegan"]:
+        assert nets_a[net].keys() == nets_b[net].keys()
+        assert all(torch.equal(nets_a[net][k], nets_b[net][k]) for k in nets_a[net] if k != "_extra_state")
 
 
 def test_translate_never_overwrites_its_own_output(runs, data, tmp_path, capsys):
@@ -675,22 +1171,29 @@ def bad_input(case, tmp_path, data, runs):
                             "--direction", "BtoA"], "BtoA"
     if case == "output_is_input":
         return translate + ["--input", data / "testA", "--output", data / "testA"], "--output"
+    if case == "simdcl_too_few_positions":                  # 32 px: taps 12 and 16 have 8·8 = 64
+        return train + ["--dataroot", data, "--mode", "simdcl", "--num_patches", 256], "--num_patches"
     (tmp_path / "empty").mkdir()
     return translate + ["--input", tmp_path / "empty", "--output", tmp_path / "o"], "empty"
 
 
 @pytest.mark.parametrize("case", ["missing_dataroot", "trainA_missing", "trainB_empty",
                                   "unknown_mode", "crop_larger_than_load", "not_a_checkpoint",
-                                  "btoa", "output_is_input", "empty_input"])
+                                  "btoa", "output_is_input", "simdcl_too_few_positions",
+                                  "empty_input"])
 def test_bad_input_is_one_line_and_exit_2(case, tmp_path, data, runs, capsys):
     """§11: every mistake in the command, data or files exits with status 2 and
     one stderr line "error: ..." naming the path or flag, without a traceback.
     Run in-process through dcl.main (the same code path as the command line;
-    all of these fail before training starts) to keep the suite fast."""
+    all of these fail before training starts) to keep the suite fast.
+    SimDCL stacks S patches of every tapped layer; at 32 px the taps 12 and 16
+    have 8·8 = 64 positions, so S = 256 is refused before any run folder exists."""
     argv, needle = bad_input(case, tmp_path, data, runs)
     code, _, err = main_in_process(capsys, *argv)
     assert code == 2 and err.startswith("error:") and err.count("\n") == 1, err
     assert needle in err and "Traceback" not in err
+    if case == "simdcl_too_few_positions":
+        assert "64" in err and not (tmp_path / "ck").exists()
     if case == "trainB_empty":
         assert "trainB" in err
 
@@ -708,13 +1211,14 @@ def test_existing_run_is_refused_untouched(runs, data, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_corrupt_image_during_training(workers, runs, data, tmp_path):
-    """§7, §9: corrupt trainA images met while training (here while resuming a
-    run on a copy of the data whose trainA files all hold garbage, so the first
-    step meets one) stop with one error line naming the file and exit 2; the
-    run's checkpoint, log and samples are left as they were (config.json and
-    env.txt record each start, by design). With a worker process the error
-    crosses the process boundary as a traceback; only its last line is shown."""
+def test_unreadable_domain_stops_training(workers, runs, data, tmp_path):
+    """§7, §9: when every trainA file is garbage, each read is skipped for
+    another until ten in a row fail; then the run stops with an error as its
+    last line, naming the folder and a file, after nothing but warnings,
+    exit 2, no traceback, and the run's
+    checkpoint, log and samples are left as they were (config.json and env.txt
+    record each start, by design). With a worker process the error crosses the
+    process boundary as a traceback; only its last line is shown."""
     _, run_dir = runs("cut")
     shutil.copytree(run_dir, tmp_path / "cut")
     shutil.copytree(data, tmp_path / "bad")
@@ -726,10 +1230,26 @@ def test_corrupt_image_during_training(workers, runs, data, tmp_path):
     proc = cli("train", "--name", "cut", "--checkpoints_dir", tmp_path, "--continue_train",
                "--dataroot", tmp_path / "bad", "--max_steps", 8, "--device", "cpu",
                "--num_threads", workers)
-    assert proc.returncode == 2 and proc.stderr.startswith("error:"), proc.stderr
-    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
-    assert any(str(path) in proc.stderr for path in corrupt)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and lines[-1].startswith("error: 10 unreadable images"), proc.stderr
+    assert all(line.startswith("warning: skipping") for line in lines[:-1])
+    assert "Traceback" not in proc.stderr and str(tmp_path / "bad" / "trainA") in lines[-1]
+    assert any(str(path) in lines[-1] for path in corrupt)
     assert all(p.read_bytes() == content for p, content in kept.items())
+
+
+def test_corrupt_image_is_skipped_and_counted(data, tmp_path, capsys):
+    """§7: one corrupt file among good ones is skipped with a warning naming
+    it, replaced by another image of its domain, counted in the closing
+    summary, and training finishes (exit 0). With --serial_batches and 4 A
+    images, 4 steps read every A file once, so the bad one is met."""
+    shutil.copytree(data, tmp_path / "d")
+    (tmp_path / "d" / "trainA" / "1.png").write_bytes(b"truncated")
+    code, out, err = train_in_process(capsys, "--dataroot", tmp_path / "d", *TINY, "--max_steps", 4,
+                                      "--serial_batches", "--checkpoints_dir", tmp_path / "ck")
+    assert code == 0, err
+    assert "warning: skipping unreadable image" in err and str(tmp_path / "d" / "trainA" / "1.png") in err
+    assert "skipped 1 reads of unreadable images" in out
 
 
 def test_help_lists_every_config_field(capsys):
