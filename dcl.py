@@ -5,11 +5,18 @@ A readable, runnable reference for patch-wise contrastive translation:
   CUT, FastCUT     Park, Efros, Zhang, Zhu. "Contrastive Learning for Unpaired
                    Image-to-Image Translation", ECCV 2020, arXiv 2007.15651.
                    Official code: taesungp/contrastive-unpaired-translation (b3ac297).
+  NEGCUT           Wang, Wang, Ma, Li, Jiang. "Instance-wise Hard Negative Example
+                   Generation for Contrastive Learning in Unpaired Image-to-Image
+                   Translation", ICCV 2021, arXiv 2108.04547. Official code:
+                   WeilunWang/NEGCUT (c7dbe3d).
   DCLGAN, SimDCL   Han, Shoeiby, Petersson, Armin. "Dual Contrastive Learning for
                    Unsupervised Image-to-Image Translation", CVPR Workshops 2021,
                    arXiv 2104.07689. Official code: JunlinHan/DCLGAN (abb805c).
   CycleGAN         Zhu, Park, Isola, Efros, ICCV 2017, arXiv 1703.10593; the baseline.
                    Upstream code: junyanz/pytorch-CycleGAN-and-pix2pix.
+  Extensions, off by default: a VGG16 perceptual loss (--lambda_perc, Johnson et
+  al. 2016) and hard-negative weighting of PatchNCE (--nce_hard_beta, Robinson
+  et al. 2021).
 
 Every network keeps the official layer indices and state-dict key names, so
 official `latest_net_G.pth` / `latest_net_G_A.pth` files load with strict=True;
@@ -31,8 +38,8 @@ Contents (banners below carry these numbers; [core] = the methods,
     2. Building blocks: antialiased resampling, ResNet block, init
     3. Generator G                 [core]
     4. Discriminator D (PatchGAN)
-    5. Heads: projection H, SimDCL mapping M; CycleGAN's image pool   [core]
-    6. Losses                      [core]
+    5. Heads: projection H, SimDCL's M, NEGCUT's N; CycleGAN's image pool [core]
+    6. Losses, and the optional VGG16 perceptual loss   [core]
     7. Unpaired data               [plumbing]
     8. The training steps          [core]
     9. The training loop, checkpoints, samples   [plumbing]
@@ -52,6 +59,9 @@ Glossary (code name | paper symbol | official name or flag)
     H; H_a, H_b        | H_l; H_X, H_Y             | netF (PatchSampleF); netF1, netF2
     M_ra M_fb M_rb M_fa| SimDCL's light heads      | netF3, netF4, netF5, netF6 (MappingF)
     pool_a, pool_b     | image history buffer      | fake_A_pool, fake_B_pool (--pool_size)
+    N                  | negative generator        | netN (Negative_Generator)
+    H_ema              | momentum head H̄            | netF_ (files *_net_F_.pth)
+    lambda_MS_neg      | λ_MS, N's diversity       | --lambda_MS_neg
     real_a, real_b     | x ∈ X, y ∈ Y              | real_A, real_B
     fake_b, fake_a     | G(x), F(y)                | fake_B, fake_A
     idt_b = G(real_b)  | identity image            | idt_B (CUT), idt_A (DCLGAN, CycleGAN)
@@ -62,6 +72,8 @@ Glossary (code name | paper symbol | official name or flag)
     NCE, NCE_Y         | ℓ_PatchNCE(G,H,X), (…,Y)  | loss_NCE, loss_NCE_Y
     NCE1, NCE2         | L_PatchNCE(G, H_X, H_Y, X), (F, …, Y) | loss_NCE1, loss_NCE2
     Sim                | L_sim                     | loss_Sim
+    N (in the log)     | L_N = −NCE + L_div        | loss_N
+    perc               | L_perc (extension)        | --lambda_perc, --lambda_perc_content
     tau                | τ = 0.07                  | --nce_T
     num_patches        | S = 256                   | --num_patches
     netF_nc            | E = 256                   | --netF_nc
@@ -119,6 +131,16 @@ Faithfulness notes: every place this file differs from the official code
       at batch 1 (Q26).
   F15 Changed (CycleGAN): upstream semantics, not the broken copies in the
       CUT and DCLGAN repositories (Q36, Q37).
+  F16 NEGCUT. Kept: the momentum head starts from its own random init (Q32);
+      L_div uses the last branch's negatives only (Q34). Changed: no --lr_N,
+      which the official code declares but never reads: N uses --lr (Q29); in
+      N's step, G, H and H_ema run without gradient (Q30); H_ema's parameters
+      never collect gradients (Q31); the EMA is written H̄ + 0.1·(H − H̄) (Q33);
+      the noise is drawn on the device (Q35). N's update is the same.
+  F17 Extensions, absent from every official code and off in every preset:
+      --lambda_perc / --lambda_perc_content (VGG16 feature L1) and
+      --nce_hard_beta (importance-weighted negatives; not applied to NEGCUT's
+      generated negatives).
 
 Not included: visdom or any display server, HTML pages, dataset downloads,
 UNet/StyleGAN generators, SinCUT, FID (run pytorch-fid on translate output),
@@ -134,6 +156,7 @@ import math
 import os
 import platform
 import random
+import shlex
 import signal
 import sys
 import time
@@ -326,6 +349,13 @@ class TrainConfig:
                 raise UserError(f"--{flag} must be at least 1")
         if self.nce_T <= 0:
             raise UserError("--nce_T must be positive")
+        targets = {"cyclegan": True, "dcl": self.lambda_IDT > 0, "simdcl": self.lambda_IDT > 0}
+        if self.lambda_perc > 0 and not targets.get(self.mode, self.nce_idt and self.lambda_NCE > 0):
+            raise UserError(f"--lambda_perc: --mode {self.mode} makes no identity image here to compare "
+                            "with its input; use --lambda_perc_content (G(x) against x) instead")
+        if "negcut" in self.mode and self.nce_includes_all_negatives_from_minibatch:
+            raise UserError("--nce_includes_all_negatives_from_minibatch: NEGCUT compares each "
+                            "image with its own generated negatives only")
 
 
 class UserError(Exception):
@@ -538,7 +568,7 @@ class Discriminator(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 5. Heads: projection H, SimDCL mapping M; CycleGAN's image pool [core]
+# 5. Heads: projection H, SimDCL's M, NEGCUT's N; CycleGAN's image pool [core]
 # -----------------------------------------------------------------------------
 # H (official PatchSampleF) picks S positions of each tapped map and sends each
 # position's C-vector through a per-layer 2-layer MLP to a unit E-vector, as in
@@ -670,7 +700,7 @@ def count_parameters(net: nn.Module) -> int:
 
 
 # -----------------------------------------------------------------------------
-# 6. Losses [core]
+# 6. Losses, and the optional VGG16 perceptual loss [core]
 # -----------------------------------------------------------------------------
 
 def gan_loss(prediction: torch.Tensor, target_is_real: bool, gan_mode: str) -> torch.Tensor:
@@ -727,7 +757,8 @@ def patch_nce_loss(feat_q: torch.Tensor, feat_k: torch.Tensor, n_images: int,
         w_j = exp(β·s_j) / ((1/N)·Σ_m exp(β·s_m))     (detached; mean_j w_j = 1)
         ℓ_i = −log( exp(s⁺/τ) / ( exp(s⁺/τ) + Σ_j w_j·exp(s_j/τ) ) )
     i.e. log w_j is added to negative j's logit. The sums run over the N real
-    negatives (the masked diagonal excluded). β = 0 gives w = 1, the official
+    negatives; the masked diagonal keeps its unweighted exp(−10/τ) in the
+    denominator, as in the official loss (0 in fp32 at τ = 0.07). β = 0 gives w = 1, the official
     loss, bit for bit (the branch is skipped); β → ∞ puts all the weight N on
     the hardest negative: ℓ → −log(e^(s⁺/τ) / (e^(s⁺/τ) + N·e^(s_max/τ))).
 
@@ -855,14 +886,14 @@ class Perceptual(nn.Module):
 
     def __init__(self, weights: str):
         super().__init__()
+        path = Path(weights) if weights else Path(torch.hub.get_dir()) / "checkpoints" / VGG_FILE
+        if weights != "random" and not path.is_file():
+            raise UserError(f"--lambda_perc needs VGG16 ImageNet weights ({VGG_FILE}): "
+                            f"{path} not found. Nothing is downloaded: on a networked machine run "
+                            "torchvision.models.vgg16(weights='IMAGENET1K_V1') once, then copy the "
+                            f"file to {path.parent} or pass --vgg_weights PATH")
         self.features = vgg16(weights=None).features[:VGG_LAYERS["relu4_3"] + 1]
         if weights != "random":
-            path = Path(weights) if weights else Path(torch.hub.get_dir()) / "checkpoints" / VGG_FILE
-            if not path.is_file():
-                raise UserError(f"--lambda_perc needs VGG16 ImageNet weights ({VGG_FILE}): "
-                                f"{path} not found. Nothing is downloaded: on a networked machine run "
-                                "torchvision.models.vgg16(weights='IMAGENET1K_V1') once, then copy the "
-                                f"file to {path.parent} or pass --vgg_weights PATH")
             state = {k.removeprefix("features."): v for k, v in read_checkpoint(path).items()}
             load_state(self.features, {k: v for k, v in state.items()
                                        if k in self.features.state_dict()}, f"{path} (VGG16)")
@@ -891,16 +922,14 @@ def perceptual_terms(nets: dict, cfg: TrainConfig, target_sets: list, content_pa
     """λ_perc·Σ_sets mean_pairs L_perc(out, target) + λ_content·mean_pairs L_content(G(x), x).
     A set holds one (output, target) pair per direction, so two-sided modes
     average the directions with 0.5, as they do every other term."""
-    vgg, loss = nets.get("vgg"), 0.0
-    if vgg is None:
-        return None
-    if cfg.lambda_perc > 0:
-        loss = loss + cfg.lambda_perc * sum(sum(vgg(o, t) for o, t in pairs) / len(pairs)
-                                            for pairs in target_sets if pairs)
-    if cfg.lambda_perc_content > 0:
-        loss = loss + cfg.lambda_perc_content * sum(vgg(o, x, content=True)
-                                                    for o, x in content_pairs) / len(content_pairs)
-    return loss
+    vgg, terms = nets.get("vgg"), []
+    if vgg is not None and cfg.lambda_perc > 0:
+        terms += [cfg.lambda_perc * sum(vgg(o, t) for o, t in pairs) / len(pairs)
+                  for pairs in target_sets if pairs]
+    if vgg is not None and cfg.lambda_perc_content > 0:
+        terms.append(cfg.lambda_perc_content * sum(vgg(o, x, content=True)
+                                                   for o, x in content_pairs) / len(content_pairs))
+    return sum(terms) if terms else None                      # None: nothing to compare here
 
 
 # -----------------------------------------------------------------------------
@@ -1154,7 +1183,7 @@ def cut_step(nets: dict, opts: dict, real_a, real_b, cfg: TrainConfig) -> dict:
             if use_idt else zero                              # λ_Y·ℓ_PatchNCE(G, H, Y)
         return nce, nce_y, (0.5 * (nce + nce_y) if use_idt else nce)
 
-    if negcut:                                                # 2b. N step
+    if negcut and cfg.lambda_NCE > 0:                         # 2b. N step
         set_requires_grad(nets["N"], True)
         opts["N"].zero_grad(set_to_none=True)
         extras = {}                                           # L_div: last branch's negatives (Q34)
@@ -1180,7 +1209,7 @@ def cut_step(nets: dict, opts: dict, real_a, real_b, cfg: TrainConfig) -> dict:
     if negcut:                                                # 4. H_ema ← H_ema + 0.1·(H − H_ema)
         with torch.no_grad():
             torch._foreach_lerp_(list(nets["H_ema"].parameters()), list(H.parameters()), 0.1)
-        losses["N"] = loss_N
+        losses["N"] = loss_N if cfg.lambda_NCE > 0 else zero
     if use_idt:
         losses["NCE_Y"] = loss_NCE_Y
     if loss_perc is not None:
@@ -1329,7 +1358,7 @@ def sample_columns(nets: dict, real_a, real_b, cfg: TrainConfig) -> list:
 CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "dcl.py checkpoint", 1
 RESUMABLE = {"n_epochs", "n_epochs_decay", "max_steps", "device", "num_threads", "print_freq",
              "display_freq", "save_latest_freq", "save_epoch_freq", "continue_train",
-             "deterministic", "checkpoints_dir", "dataroot"}
+             "deterministic", "checkpoints_dir", "dataroot", "vgg_weights"}
 
 
 def lr_multiplier(epoch: int, cfg: TrainConfig) -> float:
@@ -1420,6 +1449,16 @@ def read_checkpoint(path) -> dict:
     return ckpt
 
 
+def stored_config(ckpt: dict, path) -> TrainConfig:
+    """The config a checkpoint was trained with; settings this file does not
+    know mean a newer dcl.py wrote it."""
+    unknown = sorted(set(ckpt["config"]) - {f.name for f in fields(TrainConfig)})
+    if unknown or ckpt.get("mode") not in MODES:
+        raise UserError(f"{path} was written by a newer dcl.py (unknown: "
+                        f"{', '.join(unknown) or ckpt.get('mode')}); update dcl.py to use it")
+    return TrainConfig(**ckpt["config"])
+
+
 def load_state(net: nn.Module, state: dict, what: str) -> None:
     """strict=True loading with a short, readable key diff on failure."""
     try:
@@ -1452,12 +1491,14 @@ class Meter:
             self.sums[k] = self.sums.get(k, 0) + v
         self.count += 1
 
-    def read(self) -> tuple[dict, float, float]:
-        """(mean losses, steps per second, fraction of time spent waiting for data); resets."""
+    def read(self, reset: bool = True) -> tuple[dict, float, float]:
+        """(mean losses, steps per second, fraction of time spent waiting for
+        data) since the last reset."""
         elapsed = time.perf_counter() - self.start
         means = {k: float(v) / self.count for k, v in self.sums.items()}
         speed, waiting = self.count / elapsed, self.data_time / elapsed
-        self.__init__()
+        if reset:
+            self.__init__()
         return means, speed, waiting
 
 
@@ -1484,7 +1525,8 @@ def save_samples(nets, samples, cfg, device, path: Path) -> None:
 def describe_config(cfg: TrainConfig, source: dict) -> str:
     lines = [f"  {f.name:<18} {getattr(cfg, f.name)!s:<24}"
              + (f" ({source[f.name]})" if f.name in source else "") for f in fields(cfg)]
-    return "config (official default, or from (mode) preset, (demo) or (flag)):\n" + "\n".join(lines)
+    return ("config; in brackets where a value came from, if not the official default "
+            "(mode preset, demo settings, flag, stored run):\n" + "\n".join(lines))
 
 
 def write_run_info(run_dir: Path, cfg: TrainConfig, device: torch.device, argv: list) -> None:
@@ -1506,6 +1548,7 @@ def train(cfg: TrainConfig, source: dict, argv: list) -> int:
     resume = read_checkpoint(latest) if cfg.continue_train else None
     if resume is not None:
         cfg = resume_config(resume, cfg, source, latest)
+        source = {f.name: "flag" if source.get(f.name) == "flag" else "stored" for f in fields(cfg)}
     elif latest.exists():
         raise UserError(f"{latest} exists: add --continue_train to continue that run, "
                         "or choose another --name")
@@ -1544,12 +1587,16 @@ def train(cfg: TrainConfig, source: dict, argv: list) -> int:
     print(f"schedule: lr {cfg.lr:g} for epochs 1-{cfg.n_epochs}, then linear decay over "
           f"{cfg.n_epochs_decay} epochs{' without random crops' if not cfg.crop_in_decay else ''}; "
           f"{total_steps} steps in all" + (f", resuming at step {step}" if step else ""))
-    if source.get("dataroot") != "flag":
+    if source.get("dataroot") not in ("flag", "stored"):
         print(f"No --dataroot: training on the bundled set in {BUNDLED_DATA} with demo settings. "
               f"Watch {run_dir / 'samples'}: a 2-core CPU shows the translation within ~10 minutes.")
 
     step_fn, meter = STEPS[cfg.mode], Meter()
-    log = open(run_dir / "log.jsonl", "a")
+    log_path = run_dir / "log.jsonl"
+    if resume is not None and log_path.exists():              # rows logged after the checkpoint
+        rows = log_path.read_text().splitlines(keepends=True)  # (a crash, kill -9) are redone
+        log_path.write_text("".join(r for r in rows if r.strip() and json.loads(r)["step"] <= step))
+    log = open(log_path, "a")
     tty, last_print = sys.stdout.isatty(), 0.0
     stop = install_stop_handlers()
     counters = lambda: dict(step=step, epoch=epoch, epoch_step=epoch_step)  # noqa: E731
@@ -1613,7 +1660,8 @@ def train(cfg: TrainConfig, source: dict, argv: list) -> int:
             print()
     save_checkpoint(latest, nets, cfg, opts, counters())
     save_samples(nets, samples, cfg, device, run_dir / "samples" / "latest.png")
-    resume_cmd = f"python dcl.py train --name {cfg.name} --checkpoints_dir {cfg.checkpoints_dir} --continue_train"
+    resume_cmd = shlex.join(["python", "dcl.py", "train", "--name", cfg.name, "--checkpoints_dir",
+                             cfg.checkpoints_dir, "--continue_train"])
     if stop["signal"]:
         print(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved. Resume with:\n  {resume_cmd}")
         return 128 + stop["signal"]
@@ -1629,7 +1677,7 @@ def report(meter, log, cfg, step, epoch, epoch_step, steps_per_epoch, total_step
            device, tty, log_now) -> None:
     """The progress line (in place on a terminal) and, at log steps, a JSON row."""
     first = step - meter.count + 1
-    means, speed, waiting = meter.read()
+    means, speed, waiting = meter.read(reset=log_now)         # a terminal refresh only peeks
     bad = [k for k, v in means.items() if not math.isfinite(v)]
     if bad:                                                   # checked before every checkpoint write
         raise UserError(f"loss {bad[0]} became {means[bad[0]]} in steps {first}-{step} (epoch "
@@ -1674,7 +1722,7 @@ def resume_config(ckpt: dict, cfg: TrainConfig, source: dict, path: Path) -> Tra
     """The stored config, with only schedule and plumbing flags changeable."""
     if ckpt.get("format") != CHECKPOINT_FORMAT or "optimizers" not in ckpt:
         raise UserError(f"{path} is not a resumable dcl.py checkpoint")
-    stored = TrainConfig(**ckpt["config"])
+    stored = stored_config(ckpt, path)
     for flag in source:
         if source[flag] == "flag" and flag not in RESUMABLE and getattr(cfg, flag) != getattr(stored, flag):
             raise UserError(f"--{flag} cannot change when continuing {path} "
@@ -1698,7 +1746,7 @@ def load_generator(path, mode: str | None, direction: str, device) -> nn.Module:
     (`latest_net_G.pth`, `latest_net_G_A.pth`, ...) given the --mode that made it."""
     ckpt = read_checkpoint(path)
     if ckpt.get("format") == CHECKPOINT_FORMAT:
-        mode, cfg, nets = ckpt["mode"], TrainConfig(**ckpt["config"]), ckpt["nets"]
+        mode, cfg, nets = ckpt["mode"], stored_config(ckpt, path), ckpt["nets"]
         if direction == "BtoA" and "G_ba" not in nets:
             raise UserError(f"{path} is a {mode} checkpoint with one generator (A to B); it cannot "
                             "translate BtoA. Train with --direction BtoA for the other way")
@@ -1760,7 +1808,7 @@ def translate(args) -> int:
             if "memory" not in str(error) and "alloc" not in str(error):
                 raise
             raise UserError(f"{path} ({w}x{h}) does not fit in {device} memory: use --max_side "
-                            f"{max(256, max(w, h) // 2)} (or another --device)") from None
+                            f"{max(64, max(w, h) // 2)} (or another --device)") from None
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(to_uint8(y)).save(target)

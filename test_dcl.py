@@ -3,20 +3,24 @@
     python -m pytest -q
 
 Everything runs on the CPU at tiny sizes (ngf 8, 32-pixel crops, S = 16,
-E = 16), so the whole file takes about a minute on two cores. Parameter counts
+E = 16), so the whole file takes about two minutes on two cores. Parameter counts
 and state-dict keys at the official sizes are checked on the meta device.
 Section numbers (§N) refer to the banners of dcl.py; "methods.md" is the
 fidelity spec.
 """
+import copy
 import dataclasses
 import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -1263,6 +1267,961 @@ def test_help_lists_every_config_field(capsys):
 def test_line_budget():
     """style.md §3: dcl.py stays within 2,000 lines."""
     assert len(Path(dcl.__file__).read_text().splitlines()) <= 2000
+
+
+# -----------------------------------------------------------------------------
+# NEGCUT: the negative generator N, the momentum head H_ema, the loss, the step (§5, §6, §8)
+# -----------------------------------------------------------------------------
+
+def unit_rows(t):
+    return t / t.norm(dim=-1, keepdim=True)
+
+
+def test_negative_generator_parameters_and_keys():
+    """§5 (methods.md §1.9, §1.10): N has one MLP per tapped layer, Linear(E + 64 → E),
+    ReLU, Linear(E → E), keys mlp_{l}.0 (E×(E+64)) and mlp_{l}.2 (E×E). At E = 256 and
+    5 layers: 5·(320·256 + 256 + 256·256 + 256) = 5·147,968 = 739,840 parameters.
+    NEGCUT at official sizes trains G + D + H + N = 11,378,179 + 2,764,737 + 560,384
+    + 739,840 = 15,443,140 parameters; H_ema holds another 560,384, all frozen."""
+    expected = {}
+    for l in range(5):
+        expected.update({**weight_and_bias(f"mlp_{l}.0", (256, 320)),
+                         **weight_and_bias(f"mlp_{l}.2", (256, 256))})
+    with torch.device("meta"):
+        N = dcl.NegativeGenerator(5, 256)
+        nets = dcl.build_networks(dcl.resolve_config({"mode": "negcut", "dataroot": "x"})[0], "meta")
+    assert shapes(N) == expected and dcl.count_parameters(N) == 739_840
+    assert list(nets) == ["G", "D", "H", "N", "H_ema"] and shapes(nets["N"]) == expected
+    trained = sum(p.numel() for net in nets.values() for p in net.parameters() if p.requires_grad)
+    assert trained == 15_443_140 and dcl.count_parameters(nets["H_ema"]) == 560_384
+    assert not any(p.requires_grad for p in nets["H_ema"].parameters())
+
+
+def test_negative_generator_output():
+    """§5 (methods.md §1.9 steps 3-5): for L lists of n×E means, N returns L tensors
+    (n·256)×E of unit rows, image-major: row b·256 + j = unit(MLP_l([v_b; z_bj])), with
+    z ~ N(0, I₆₄) drawn as one n×256×64 tensor per layer (reproduced here, one image
+    at a time, from the same seed). The noise is fresh on every call (two calls
+    differ), and image b's negatives depend on its own mean only: changing v_1 leaves
+    image 0's rows as they were under the same seed and changes image 1's. (PyTorch's
+    default init: raw norms near 1, so the 1e-7 eps leaves unit rows to 1e-6.)"""
+    torch.manual_seed(0)
+    N = dcl.NegativeGenerator(2, 16)
+    means = [torch.randn(2, 16), torch.randn(2, 16)]
+    torch.manual_seed(1)
+    out = N(means)
+    torch.manual_seed(1)
+    for l, v in enumerate(means):
+        z = torch.randn(2, 256, 64)
+        for b in range(2):
+            y = getattr(N, f"mlp_{l}")(torch.cat([v[b].expand(256, -1), z[b]], dim=1))
+            assert torch.allclose(out[l][b * 256:(b + 1) * 256], y / (y.norm(dim=1, keepdim=True) + 1e-7),
+                                  atol=1e-6)
+    assert [o.shape for o in out] == [(512, 16)] * 2
+    assert all(torch.allclose(o.norm(dim=1), torch.ones(512), atol=1e-6) for o in out)
+    assert not torch.equal(N(means)[0], N(means)[0])          # fresh noise per call
+    changed = [means[0].clone(), means[1]]
+    changed[0][1] += 1.0
+    torch.manual_seed(1)
+    again = N(changed)
+    assert torch.equal(again[0][:256], out[0][:256]) and not torch.equal(again[0][256:], out[0][256:])
+    assert torch.equal(again[1], out[1])
+
+
+def test_mean_embedding_equals_a_slow_reference():
+    """§5 (methods.md §1.9 steps 1-2, Q6): mean_embedding sends every position of each
+    map (not a sample) through MLP_l, unit-normalises each E-vector (x/(‖x‖ + 1e-7)),
+    and averages over the positions without renormalising: a loop over the positions
+    agrees to 1e-6, and the mean of differing unit vectors is shorter than 1."""
+    torch.manual_seed(0)
+    H = dcl.ProjectionHead([3, 4], 8)
+    feats = [torch.randn(2, 3, 5, 4), torch.randn(2, 4, 3, 3)]
+    got = H.mean_embedding(feats)
+    assert [g.shape for g in got] == [(2, 8), (2, 8)]
+    for l, f in enumerate(feats):
+        for b in range(2):
+            total = torch.zeros(8)
+            for y in range(f.shape[2]):
+                for x in range(f.shape[3]):
+                    z = getattr(H, f"mlp_{l}")(f[b, :, y, x])
+                    total += z / (z.norm() + 1e-7)
+            mean = total / (f.shape[2] * f.shape[3])
+            assert torch.allclose(got[l][b], mean, atol=1e-6) and mean.norm() < 0.99
+
+
+def slow_negcut_nce(q, k, negatives, n, tau):
+    """NEGCUT's loss one row at a time (methods.md §2.4): query i of image b against
+    its positive key, then image b's 256 generated negatives; no diagonal, class 0."""
+    S, losses = q.shape[0] // n, []
+    for b in range(n):
+        for i in range(S):
+            qi = q[b * S + i]
+            logits = torch.cat([(qi @ k[b * S + i])[None], negatives[b * 256:(b + 1) * 256] @ qi]) / tau
+            losses.append(-torch.log_softmax(logits, 0)[0])
+    return torch.stack(losses)
+
+
+def test_patch_nce_with_generated_negatives_equals_slow_loop():
+    """§6 (methods.md §2.4): with `negatives`, each query of image b is compared with
+    its positive key and image b's own 256 negatives only, with no diagonal mask:
+    equal to a loop over 2 images × 5 patches to 1e-6. Image 0's losses do not depend
+    on image 1's negatives. The keys get no gradient, the negatives do (in G's step
+    that is the path into G's encoder on the source image)."""
+    torch.manual_seed(0)
+    q = unit_rows(torch.randn(10, 8)).requires_grad_()
+    k = unit_rows(torch.randn(10, 8)).requires_grad_()
+    negs = unit_rows(torch.randn(512, 8)).requires_grad_()
+    loss = dcl.patch_nce_loss(q, k, 2, 0.07, negatives=negs)
+    assert loss.shape == (10,)
+    assert torch.allclose(loss, slow_negcut_nce(q, k, negs, 2, 0.07), atol=1e-6, rtol=1e-6)
+    other = negs.detach().clone()
+    other[256:] = unit_rows(torch.randn(256, 8))
+    changed = dcl.patch_nce_loss(q, k, 2, 0.07, negatives=other)
+    assert torch.equal(changed[:5], loss[:5]) and not torch.equal(changed[5:], loss[5:])
+    loss.sum().backward()
+    assert k.grad is None and q.grad.any() and negs.grad.any()
+
+
+def test_diversity_loss():
+    """§6 (methods.md §3.3 step 2): L_div = (1/L)·Σ_l λ_MS·(−mean|N_l[:, :128] − N_l[:, 128:]|)
+    with N_l viewed n×256×E. Negatives made of 128 rows repeated twice per image give
+    exactly 0; for random ones (n = 2, E = 8, L = 2, λ_MS = 0.7) it equals
+    −0.7·(m_0 + m_1)/2 with m_l the mean over the 2×128×8 absolute differences."""
+    torch.manual_seed(0)
+    half = unit_rows(torch.randn(2, 128, 8))
+    twins = torch.cat([half, half], dim=1).flatten(0, 1)      # (2·256)×8, halves identical
+    assert dcl.diversity_loss([twins, twins], 1.0).item() == 0.0
+    negs = [unit_rows(torch.randn(512, 8)) for _ in range(2)]
+    m = [(n.view(2, 256, 8)[:, :128] - n.view(2, 256, 8)[:, 128:]).abs().mean() for n in negs]
+    assert dcl.diversity_loss(negs, 0.7).item() == pytest.approx(-0.7 * (m[0] + m[1]).item() / 2, rel=1e-6)
+
+
+def negcut_setup(seed=0):
+    torch.manual_seed(seed)
+    cfg = tiny_cfg(mode="negcut")
+    nets = dcl.build_networks(cfg, "cpu")
+    return cfg, nets, dcl.build_optimizers(nets, cfg), torch.rand(1, 3, 32, 32) * 2 - 1, \
+        torch.rand(1, 3, 32, 32) * 2 - 1
+
+
+def test_negcut_n_step_objective():
+    """§8 (methods.md §3.3 step 2, Q34): cut_step's logged N loss is
+        L_N = −0.5·(NCE(real_a→fake_b) + NCE(real_b→idt_b)) + L_div(negatives of the
+    identity branch, the last one computed), each NCE with N's negatives; recomputed
+    here from copies of the nets made before the step, with the same seed (between the
+    seed and the N step cut_step draws nothing: NEGCUT has no flip coin and D no
+    randomness), to 1e-6. L_div of the first branch's negatives would differ."""
+    cfg, nets, opts, real_a, real_b = negcut_setup()
+    copies = copy.deepcopy(nets)
+    torch.manual_seed(7)
+    losses = dcl.cut_step(nets, opts, real_a, real_b, cfg)
+    torch.manual_seed(7)
+    G, H = copies["G"], copies["H"]
+    first, last = {}, {}
+    with torch.no_grad():
+        y = G(torch.cat([real_a, real_b]))
+        nce = dcl.nce_between(real_a, y[:1], G, H, G, H, cfg, negcut=copies, extras=first)
+        nce_y = dcl.nce_between(real_b, y[1:], G, H, G, H, cfg, negcut=copies, extras=last)
+
+    def div(negatives):                                       # L_div at λ_MS 1, E = 16
+        halves = [n.view(-1, 256, 16) for n in negatives]
+        return -torch.stack([(h[:, :128] - h[:, 128:]).abs().mean() for h in halves]).mean()
+    expected = -0.5 * (nce + nce_y) + div(last["negatives"])
+    assert losses["N"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert div(first["negatives"]).item() != pytest.approx(div(last["negatives"]).item(), rel=1e-4)
+
+
+def test_negcut_sign_test():
+    """§8 (methods.md §3.3): the min-max game has the right signs. On a fixed image x,
+    with a fixed seed before every evaluation (equal patch ids and noise),
+    NCE(x → G(x)) with N's negatives rises after one Adam step of N (the preset's
+    Adam(2e-4, (0.5, 0.999))) on L_N = −NCE + L_div computed with n_step=True, and
+    falls after one Adam step of G and H on that NCE (N frozen, negatives not
+    detached). Measured with these seeds: 3.86 → 7.06 → 0.98, far beyond noise."""
+    cfg, nets, opts, real_a, _ = negcut_setup()
+    G, H = nets["G"], nets["H"]
+
+    def nce(**kw):
+        torch.manual_seed(100)
+        return dcl.nce_between(real_a, G(real_a), G, H, G, H, cfg, negcut=nets, **kw)
+    with torch.no_grad():
+        start = nce().item()
+    torch.manual_seed(100)
+    extras = {}
+    (-nce(n_step=True, extras=extras) + dcl.diversity_loss(extras["negatives"], cfg.lambda_MS_neg)).backward()
+    opts["N"].step()
+    with torch.no_grad():
+        harder = nce().item()
+    nets["N"].requires_grad_(False)
+    nce().backward()
+    opts["G"].step()
+    opts["H"].step()
+    with torch.no_grad():
+        easier = nce().item()
+    assert harder > start + 1 and easier < harder - 1, (start, harder, easier)
+
+
+def test_negcut_step_gradient_routing():
+    """§8 (methods.md §3.3, Q30, Q31): at N's Adam step inside cut_step, every parameter
+    of N has a gradient and G, H and H_ema none (N's inputs ran without gradient);
+    at G's step N's gradients are still those of the N step (frozen: nothing added),
+    H_ema has none (requires_grad False), and G's first conv and every MLP of H have
+    non-zero ones. H_ema is in no optimiser; the optimisers are G, D, H and N."""
+    cfg, nets, opts, real_a, real_b = negcut_setup()
+    seen = {}
+    spy_on_step(opts, "N", lambda: seen.update(at_N=gradients(nets)))
+    spy_on_step(opts, "G", lambda: seen.update(at_G=gradients(nets)))
+    dcl.cut_step(nets, opts, real_a, real_b, cfg)
+    assert all(g is not None and g.any() for g in seen["at_N"]["N"])
+    assert all(g is None for name in ("G", "H", "H_ema") for g in seen["at_N"][name])
+    assert all(torch.equal(a, b) for a, b in zip(seen["at_N"]["N"], seen["at_G"]["N"]))
+    assert all(g is None for g in seen["at_G"]["H_ema"])
+    assert seen["at_G"]["G"][0].any() and all(g is not None and g.any() for g in seen["at_G"]["H"])
+    assert set(opts) == {"G", "D", "H", "N"}
+    owned = {id(p) for o in opts.values() for p in o.param_groups[0]["params"]}
+    assert not any(id(p) in owned or p.requires_grad for p in nets["H_ema"].parameters())
+
+
+def test_negcut_gradient_reaches_the_key_encoder():
+    """§6 (methods.md §3.3 step 3): in G's step the negatives are not detached, so the
+    NCE reaches the encoder on the *source* image through H_ema's mean embedding and
+    N (both frozen), the only key-side path. With a separate key encoder G_key (a copy
+    of G; the query side uses G), NCE(real_a → fake_b) with negcut gives G_key's first
+    conv a non-zero gradient; in N's own step (n_step=True) and without negcut (CUT:
+    keys detached) G_key gets none. H_ema and the frozen N get none either way."""
+    cfg, nets, _, real_a, real_b = negcut_setup()
+    nets["N"].requires_grad_(False)                           # as during G's step
+    G_key, G, H = copy.deepcopy(nets["G"]), nets["G"], nets["H"]
+    fake_b = G(real_b).detach()
+    first_conv = {}
+    for case, kw in (("negcut", dict(negcut=nets)), ("cut", {})):
+        G_key.zero_grad(set_to_none=True)
+        dcl.nce_between(real_a, fake_b, G_key, H, G, H, cfg, **kw).backward()
+        first_conv[case] = G_key.model[1].weight.grad
+    assert all(p.grad is None for p in nets["N"].parameters())
+    nets["N"].requires_grad_(True)
+    G_key.zero_grad(set_to_none=True)
+    extras = {}
+    loss_N = -dcl.nce_between(real_a, fake_b, G_key, H, G, H, cfg, negcut=nets, n_step=True, extras=extras)
+    (loss_N + dcl.diversity_loss(extras["negatives"], 1.0)).backward()
+    assert first_conv["negcut"] is not None and first_conv["negcut"].any()
+    assert first_conv["cut"] is None and G_key.model[1].weight.grad is None
+    assert all(p.grad is None for p in nets["H_ema"].parameters())
+
+
+def test_negcut_ema_update():
+    """§8 (methods.md §3.3 step 4, Q32, Q33): H_ema starts from its own random init
+    (not a copy of H), and after one cut_step every parameter of H_ema equals
+    0.9·(its value before) + 0.1·(H's value after H's Adam step), to 1e-6."""
+    cfg, nets, opts, real_a, real_b = negcut_setup()
+    H, H_ema = nets["H"], nets["H_ema"]
+    assert not any(torch.equal(a, b) for a, b in zip(H.parameters(), H_ema.parameters()) if a.any())
+    old = [p.detach().clone() for p in H_ema.parameters()]
+    dcl.cut_step(nets, opts, real_a, real_b, cfg)
+    for before, after, h in zip(old, H_ema.parameters(), H.parameters()):
+        assert torch.allclose(after, 0.9 * before + 0.1 * h, atol=1e-6)
+        assert not torch.equal(after, before) or not h.any()
+
+
+def test_negcut_presets_and_optimizers():
+    """§1, §8 (methods.md §3.3, Q29): NEGCUT = CUT's settings (λ_NCE 1, identity NCE,
+    no flip, 200 + 200 epochs) with λ_MS 1; FastNEGCUT = FastCUT's (λ_NCE 10, flip,
+    no identity, 150 + 50) with λ_MS 1; both lsgan, taps 0,4,8,12,16, S 256, τ 0.07,
+    no pool. N's Adam runs at --lr and --beta1: (2e-4, (0.5, 0.999)), like G, D, H."""
+    neg, fast = (dcl.resolve_config({"mode": m, "dataroot": "x"})[0] for m in ("negcut", "fastnegcut"))
+    key = lambda c: (c.lambda_NCE, c.nce_idt, c.flip_equivariance, c.lambda_MS_neg,  # noqa: E731
+                     c.n_epochs, c.n_epochs_decay)
+    assert key(neg) == (1.0, True, False, 1.0, 200, 200)
+    assert key(fast) == (10.0, False, True, 1.0, 150, 50)
+    for c in (neg, fast):
+        assert (c.gan_mode, c.layer_ids, c.num_patches, c.nce_T, c.pool_size, c.lambda_GAN) == \
+            ("lsgan", (0, 4, 8, 12, 16), 256, 0.07, 0, 1.0)
+    assert dcl.resolve_config({"dataroot": "x"})[0].lambda_MS_neg == 0.0
+    cfg = tiny_cfg(mode="fastnegcut")
+    opts = dcl.build_optimizers(dcl.build_networks(cfg, "cpu"), cfg)
+    assert {k: (o.defaults["lr"], o.defaults["betas"]) for k, o in opts.items()} == \
+        {k: (2e-4, (0.5, 0.999)) for k in ("G", "D", "H", "N")}
+
+
+def test_resume_negcut(data, tmp_path, capsys):
+    """§9: NEGCUT, 4 steps in one run equal 2 steps, then --continue_train to 4:
+    identical log rows 3-4 (N included) and identical weights of every net, N and
+    H_ema included (the noise z comes from the restored torch RNG). In-process, as
+    for CycleGAN."""
+    flags = ["--mode", "negcut", "--dataroot", data, *TINY, "--seed", 1, "--display_freq", 100,
+             "--checkpoints_dir", tmp_path]
+    for name, extra in (("A", ["--max_steps", 4]), ("B", ["--max_steps", 2]),
+                        ("B", ["--max_steps", 4, "--continue_train"])):
+        code, _, err = train_in_process(capsys, *flags, "--name", name, *extra)
+        assert code == 0, err
+    a, b = read_log(tmp_path / "A"), read_log(tmp_path / "B")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    for row_a, row_b in zip(a[2:], b[2:]):
+        assert {k: row_a[k] for k in LOSS_NAMES["negcut"]} == {k: row_b[k] for k in LOSS_NAMES["negcut"]}
+    ckpt_a, ckpt_b = (torch.load(tmp_path / n / "ckpt_latest.pt", weights_only=True) for n in "AB")
+    nets_a, nets_b = ckpt_a["nets"], ckpt_b["nets"]
+    assert set(nets_a) == set(dcl.NETWORKS["negcut"]) and set(ckpt_a["optimizers"]) == {"G", "D", "H", "N"}
+    for net in dcl.NETWORKS["negcut"]:
+        assert all(torch.equal(nets_a[net][k], nets_b[net][k]) for k in nets_a[net]), net
+
+
+def test_negcut_without_nce(data, tmp_path, capsys):
+    """§8: `--mode negcut --lambda_NCE 0` leaves N nothing to do (no NCE term, so no
+    negatives). It must not crash: either it trains (exit 0) or it refuses in one
+    line naming --lambda_NCE (exit 2)."""
+    code, _, err = train_in_process(capsys, "--mode", "negcut", "--lambda_NCE", 0, "--dataroot", data, *TINY,
+                                    "--max_steps", 1, "--display_freq", 100, "--checkpoints_dir", tmp_path)
+    assert code == 0 or (code == 2 and err.count("\n") == 1 and "--lambda_NCE" in err), err
+
+
+# -----------------------------------------------------------------------------
+# perceptual loss (§6, §8)
+# -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def random_vgg16():
+    """One VGG16 with random weights, built by the torchvision function dcl.py
+    imports (building one initialises all 138M parameters, the classifier
+    included: about 1.3 s on this CPU, so it is built once)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return dcl.vgg16(weights=None)
+
+
+@pytest.fixture
+def fast_vgg(monkeypatch, random_vgg16):
+    """dcl.vgg16 hands out a copy of random_vgg16, so each Perceptual costs a
+    20 ms copy of `features` instead of a full VGG16 build. It must be asked for
+    weights=None: torchvision would download anything else."""
+    def vgg16(weights="not given"):
+        assert weights is None
+        return types.SimpleNamespace(features=copy.deepcopy(random_vgg16.features))
+    monkeypatch.setattr(dcl, "vgg16", vgg16)
+
+
+def perceptual_by_hand(features, a, b, weights):
+    """Σ w_l·mean|φ_l(a) − φ_l(b)| over {layer index: w_l}, running each image through
+    `features` on its own, after (x + 1)/2 and the ImageNet mean and std."""
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+    def taps(x):
+        x, out = ((x + 1) / 2 - mean) / std, {}
+        for index, layer in enumerate(features):
+            x = layer(x)
+            out[index] = x.clone()
+        return out
+    taps_a, taps_b = taps(a), taps(b)
+    return sum(w * (taps_a[i] - taps_b[i]).abs().mean() for i, w in weights.items())
+
+
+def test_perceptual_loss_with_random_weights(fast_vgg, random_vgg16):
+    """§6 (methods.md §2.6): Perceptual("random") keeps torchvision's VGG16 features[:23]
+    (the same layer types and shapes, 7,635,264 parameters: the 14,714,688 of
+    `features` minus three 512→512 convs of 2,359,808 after relu4_3), with ReLUs at
+    relu1_2 = 3, relu2_2 = 8, relu3_3 = 15, relu4_3 = 22 and weights 1/16, 1/8, 1/4, 1.
+    It is frozen (requires_grad False; .train() leaves every module in eval mode) and
+    not in its state dict beyond `features`. The loss is 0 for identical images and
+    positive otherwise; it equals Σ w_l·mean|φ_l(a) − φ_l(b)| computed layer by layer
+    here (content=True: relu4_3 alone, weight 1) to 1e-5; its gradient reaches the
+    output image, not VGG, and is zero for the target image (detached inside)."""
+    vgg = dcl.Perceptual("random")
+    reference = random_vgg16.features[:23]
+    assert [type(m) for m in vgg.features] == [type(m) for m in reference]
+    assert shapes(vgg.features) == shapes(reference) and dcl.count_parameters(vgg) == 7_635_264
+    assert dcl.VGG_LAYERS == {"relu1_2": 3, "relu2_2": 8, "relu3_3": 15, "relu4_3": 22}
+    assert dcl.VGG_WEIGHTS == {"relu1_2": 1 / 16, "relu2_2": 1 / 8, "relu3_3": 1 / 4, "relu4_3": 1.0}
+    assert all(isinstance(vgg.features[i], torch.nn.ReLU) for i in (3, 8, 15, 22))
+    assert set(vgg.state_dict()) == {f"features.{k}" for k in reference.state_dict()}
+    vgg.train()
+    assert not any(m.training for m in vgg.modules()) and not any(p.requires_grad for p in vgg.parameters())
+    torch.manual_seed(0)
+    a, b = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    assert vgg(a, a.clone()).item() == 0.0 and vgg(a, a.clone(), content=True).item() == 0.0
+    by_layer = {i: w for i, w in zip((3, 8, 15, 22), (1 / 16, 1 / 8, 1 / 4, 1.0))}
+    with torch.no_grad():
+        full, content = perceptual_by_hand(vgg.features, a, b, by_layer), \
+            perceptual_by_hand(vgg.features, a, b, {22: 1.0})
+        assert vgg(a, b).item() == pytest.approx(full.item(), rel=1e-5)
+        assert vgg(a, b, content=True).item() == pytest.approx(content.item(), rel=1e-5)
+    a.requires_grad_(), b.requires_grad_()
+    loss = vgg(a, b)
+    assert loss > 0
+    loss.backward()
+    assert a.grad.any() and not b.grad.any() and all(p.grad is None for p in vgg.parameters())
+
+
+def test_perceptual_loads_torchvision_weights(fast_vgg, random_vgg16, tmp_path, monkeypatch):
+    """§6: a state dict in torchvision's format (features.N and classifier.N keys, saved
+    as vgg16-397923af.pth; the classifier is shrunk here to keep the file small, its
+    keys are dropped anyway) and a features-only one ("0.weight", ...) both load: the
+    kept convs equal the saved tensors, and the convs after relu4_3 in the file are
+    ignored. A file with other keys is a UserError naming the missing keys. With no
+    path, the file is read from torch.hub.get_dir()/checkpoints, i.e.
+    $TORCH_HOME/hub/checkpoints, torchvision's cache."""
+    torch.manual_seed(3)
+    features = {f"features.{k}": torch.randn_like(v) for k, v in random_vgg16.features.state_dict().items()}
+    classifier = {f"classifier.{i}.{p}": torch.randn(4, 2) for i in (0, 3, 6) for p in ("weight", "bias")}
+    full, bare = tmp_path / dcl.VGG_FILE, tmp_path / "features_only.pth"
+    torch.save({**features, **classifier}, full)
+    torch.save({k.removeprefix("features."): v for k, v in features.items()}, bare)
+    for path in (full, bare):
+        state = dcl.Perceptual(str(path)).features.state_dict()
+        assert len(state) == 20 and all(torch.equal(v, features[f"features.{k}"]) for k, v in state.items())
+    torch.save({"conv1.weight": torch.zeros(3)}, tmp_path / "wrong.pth")
+    with pytest.raises(dcl.UserError, match=r"wrong\.pth \(VGG16\) does not fit .*missing \['0\.bias'"):
+        dcl.Perceptual(str(tmp_path / "wrong.pth"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / "hub" / "checkpoints").mkdir(parents=True)
+    shutil.copy(full, tmp_path / "home" / "hub" / "checkpoints" / dcl.VGG_FILE)
+    assert torch.equal(dcl.Perceptual("").features[0].weight, features["features.0.weight"])
+
+
+@pytest.mark.parametrize("given", ["", "missing.pth"])
+def test_missing_vgg_weights_fail_before_training(given, fast_vgg, data, tmp_path, capsys, monkeypatch):
+    """§6, §8: `train --lambda_perc 1` without the weights file (none in an empty
+    TORCH_HOME's cache, or a --vgg_weights path that does not exist) exits 2 with one
+    error line naming vgg16-397923af.pth, the path looked at and --vgg_weights, before
+    any step: no run folder is made."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    looked_at = tmp_path / given if given else tmp_path / "home" / "hub" / "checkpoints" / dcl.VGG_FILE
+    code, _, err = train_in_process(capsys, "--dataroot", data, *TINY, "--max_steps", 1, "--lambda_perc", 1,
+                                    "--vgg_weights", str(looked_at) if given else "",
+                                    "--checkpoints_dir", tmp_path / "ck")
+    assert code == 2 and err.startswith("error:") and err.count("\n") == 1, err
+    assert dcl.VGG_FILE in err and str(looked_at) in err and "--vgg_weights" in err
+    assert not (tmp_path / "ck").exists()
+
+
+@pytest.mark.parametrize("mode", ["cut", "dcl", "cyclegan"])
+def test_train_with_perceptual_loss(mode, fast_vgg, data, tmp_path, capsys):
+    """§8-§9: `train --lambda_perc 1 --lambda_perc_content 0.5 --vgg_weights random
+    --max_steps 2` exits 0 with a finite, positive perc in every log row; VGG is
+    neither in the checkpoint's nets nor an optimiser family of its own."""
+    code, _, err = train_in_process(capsys, "--mode", mode, "--dataroot", data, *TINY, "--max_steps", 2,
+                                    "--lambda_perc", 1, "--lambda_perc_content", 0.5, "--vgg_weights",
+                                    "random", "--display_freq", 100, "--checkpoints_dir", tmp_path,
+                                    "--name", "r")
+    assert code == 0, err
+    rows = read_log(tmp_path / "r")
+    assert len(rows) == 2 and all(math.isfinite(r["perc"]) and r["perc"] > 0 for r in rows)
+    ckpt = torch.load(tmp_path / "r" / "ckpt_latest.pt", weights_only=True)
+    assert set(ckpt["nets"]) == set(dcl.NETWORKS[mode])
+    assert set(ckpt["optimizers"]) == ({"G", "D"} if mode == "cyclegan" else {"G", "D", "H"})
+    assert (ckpt["config"]["lambda_perc"], ckpt["config"]["lambda_perc_content"]) == (1.0, 0.5)
+
+
+@pytest.mark.parametrize("mode", ["cut", "dcl", "cyclegan"])
+def test_perceptual_step_leaves_vgg_frozen(mode, fast_vgg):
+    """§8: with the perceptual terms on, VGG is in no optimiser, has no gradient when
+    Adam steps G, stays in eval mode, and its parameters are unchanged by the step,
+    while the step's perc term is positive."""
+    cfg = tiny_cfg(mode=mode, lambda_perc=1.0, lambda_perc_content=0.5, vgg_weights="random")
+    torch.manual_seed(0)
+    nets = dcl.build_networks(cfg, "cpu")
+    opts, seen = dcl.build_optimizers(nets, cfg), {}
+    vgg, before = nets["vgg"], [p.clone() for p in nets["vgg"].parameters()]
+    owned = {id(p) for o in opts.values() for p in o.param_groups[0]["params"]}
+    assert not any(id(p) in owned for p in vgg.parameters())
+    spy_on_step(opts, "G", lambda: seen.update(vgg=gradients({"vgg": vgg})["vgg"]))
+    real_a, real_b = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
+    losses = dcl.STEPS[mode](nets, opts, real_a, real_b, cfg)
+    assert losses["perc"] > 0 and all(g is None for g in seen["vgg"]) and not vgg.training
+    assert all(torch.equal(p, old) for p, old in zip(vgg.parameters(), before))
+
+
+class RecordingVGG(torch.nn.Module):
+    """A stand-in for Perceptual: records each call and returns mean|output − target|,
+    × 10 for content calls, so every pair's share of the total can be read off."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, output, target, content=False):
+        self.calls.append((output, target, content))
+        return (10.0 if content else 1.0) * (output - target).abs().mean()
+
+
+def test_perceptual_terms_known_answer():
+    """§6: perceptual_terms = λ_perc·Σ_sets mean_pairs L_perc + λ_content·mean_pairs L_content.
+    With constant images 0, 0.2, 0.5, 0.9, the stub's L_perc is |difference| and
+    L_content 10·|difference|: sets [[(0, 0.2), (0.5, 0.9)], [(0, 0.9)], []] and
+    content pairs [(0, 0.5), (0.2, 0.9)] at λ_perc 2, λ_content 0.5 give
+    2·((0.2 + 0.4)/2 + 0.9) + 0.5·(5 + 7)/2 = 2.4 + 3 = 5.4. With λ_perc 0 only the
+    content part is left (3.0); without a vgg in the nets the result is None."""
+    a, b, c, d = (torch.full((1, 3, 4, 4), v) for v in (0.0, 0.2, 0.5, 0.9))
+    sets, content = [[(a, b), (c, d)], [(a, d)], []], [(a, c), (b, d)]
+    cfg = tiny_cfg(lambda_perc=2.0, lambda_perc_content=0.5)
+    assert dcl.perceptual_terms({"vgg": RecordingVGG()}, cfg, sets, content).item() == pytest.approx(5.4)
+    only_content = dataclasses.replace(cfg, lambda_perc=0.0)
+    assert dcl.perceptual_terms({"vgg": RecordingVGG()}, only_content, sets, content).item() == \
+        pytest.approx(3.0)
+    assert dcl.perceptual_terms({}, cfg, sets, content) is None
+
+
+@pytest.mark.parametrize("mode", ["cut", "dcl", "cyclegan"])
+def test_perceptual_pairs_of_each_step(mode):
+    """§8 (methods.md §2.6): where the perceptual terms apply, and with which weight
+    (λ_perc 2, λ_content 0.5; two-sided modes average the directions with 0.5):
+      CUT       2·L(idt_b, real_b) + 0.5·C(fake_b, real_a)
+      DCLGAN    2·½[L(idt_b, real_b) + L(idt_a, real_a)] + 0.5·½[C(fake_b, real_a) + C(fake_a, real_b)]
+      CycleGAN  the same plus 2·½[L(rec_a, real_a) + L(rec_b, real_b)]
+    The stub records each call: the targets are the real images, the outputs carry
+    gradient and equal the generators' outputs computed here before the step (to
+    1e-5), and the step's perc equals the weighted sum of the recorded values."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(mode=mode, lambda_perc=2.0, lambda_perc_content=0.5)
+    nets = dcl.build_networks(dataclasses.replace(cfg, lambda_perc=0.0, lambda_perc_content=0.0), "cpu")
+    opts = dcl.build_optimizers(nets, cfg)
+    nets["vgg"] = vgg = RecordingVGG()
+    real = {"real_a": torch.rand(1, 3, 32, 32) * 2 - 1, "real_b": torch.rand(1, 3, 32, 32) * 2 - 1}
+    with torch.no_grad():
+        if mode == "cut":
+            out = {"idt_b": nets["G"](real["real_b"]), "fake_b": nets["G"](real["real_a"])}
+            expected = [("idt_b", "real_b", False, 2.0), ("fake_b", "real_a", True, 0.5)]
+        else:
+            G_ab, G_ba = nets["G_ab"], nets["G_ba"]
+            out = {"idt_b": G_ab(real["real_b"]), "idt_a": G_ba(real["real_a"]),
+                   "fake_b": G_ab(real["real_a"]), "fake_a": G_ba(real["real_b"])}
+            expected = [("idt_b", "real_b", False, 1.0), ("idt_a", "real_a", False, 1.0)]
+            if mode == "cyclegan":
+                out.update(rec_a=G_ba(out["fake_b"]), rec_b=G_ab(out["fake_a"]))
+                expected += [("rec_a", "real_a", False, 1.0), ("rec_b", "real_b", False, 1.0)]
+            expected += [("fake_b", "real_a", True, 0.25), ("fake_a", "real_b", True, 0.25)]
+    losses = dcl.STEPS[mode](nets, opts, real["real_a"], real["real_b"], cfg)
+    assert len(vgg.calls) == len(expected)
+    total = 0.0
+    for (output, target, content), (out_name, target_name, is_content, weight) in zip(vgg.calls, expected):
+        assert torch.equal(target, real[target_name]) and content == is_content, out_name
+        assert output.requires_grad and torch.allclose(output, out[out_name], atol=1e-5), out_name
+        total += weight * (10.0 if content else 1.0) * (output - target).abs().mean().item()
+    assert losses["perc"].item() == pytest.approx(total, rel=1e-5)
+
+
+@pytest.mark.parametrize("mode, extra", [("fastcut", []), ("dcl", ["--lambda_IDT", 0])])
+def test_perceptual_loss_without_target_images(mode, extra, fast_vgg, data, tmp_path, capsys):
+    """§6, §8 (methods.md §2.6: the perceptual term applies only where a target image
+    exists): FastCUT has no identity image, nor has DCLGAN with --lambda_IDT 0, so
+    --lambda_perc alone has no pair to apply to. Training must not crash: either it
+    runs (exit 0, perc 0 in the log) or it refuses in one line naming --lambda_perc
+    (exit 2) before any run folder exists."""
+    code, _, err = train_in_process(capsys, "--mode", mode, "--dataroot", data, *TINY, *extra,
+                                    "--max_steps", 1, "--lambda_perc", 1, "--vgg_weights", "random",
+                                    "--display_freq", 100, "--checkpoints_dir", tmp_path, "--name", "r")
+    if code == 0:
+        assert [r["perc"] for r in read_log(tmp_path / "r")] == [0.0]
+    else:
+        assert code == 2 and err.count("\n") == 1 and "--lambda_perc" in err, err
+        assert not (tmp_path / "r").exists()
+
+
+# -----------------------------------------------------------------------------
+# hard negatives: --nce_hard_beta (§6)
+# -----------------------------------------------------------------------------
+
+def hard_nce_by_hand(q, k, n, tau, beta, fixed_weights=None, detach=True):
+    """Robinson et al.'s weighting one row at a time, in float64: the N real
+    negatives s_j = q_i·k_j (j ≠ i, same image) get w_j = exp(β·s_j)/mean_m exp(β·s_m),
+        ℓ_i = −log(e^(s⁺/τ) / (e^(s⁺/τ) + Σ_j w_j·e^(s_j/τ) + e^(−10/τ)))
+    with the masked diagonal's e^(−10/τ) of the official loss kept, unweighted. With
+    fixed_weights (a list of the rows' w) those are used as constants; detach=False
+    leaves the weights in the graph (the wrong variant). Returns the losses and
+    the weights."""
+    q, k = q.double(), k.double()
+    S, losses, weights = q.shape[0] // n, [], []
+    for b in range(n):
+        for i in range(S):
+            qi, row = q[b * S + i], b * S + i
+            s = torch.stack([qi @ k[b * S + j] for j in range(S) if j != i])
+            scores = beta * (s.detach() if detach else s)
+            w = torch.exp(scores) / torch.exp(scores).mean() if fixed_weights is None else fixed_weights[row]
+            pos = torch.exp(qi @ k[row] / tau)
+            losses.append(-torch.log(pos / (pos + (w * torch.exp(s / tau)).sum() + math.exp(-10 / tau))))
+            weights.append(w)
+    return torch.stack(losses), weights
+
+
+def test_hard_negatives_beta_0_and_the_limit():
+    """§6: β = 0 is the official loss bit for bit (torch.equal). As β grows the weights
+    shift to harder negatives, so ℓ rises monotonically (d/dβ of Σ_j w_j·e^(s_j/τ) is
+    N·Cov_β(s, e^(s/τ)) ≥ 0) from the plain loss (β = 0) towards the hardest-negative
+    limit ℓ = −log(e^(s⁺/τ) / (e^(s⁺/τ) + N·e^(s_max/τ))) (e^(−10/τ) is 7e-63 at τ = 0.07).
+    Same-image negatives: 2 images × 6 patches, N = S − 1 = 5; with whole-batch
+    negatives (n_images = 1) N = n·S − 1 = 11 and s_max runs over all of them. Every
+    row's two largest negatives differ by more than 0.008 here (asserted), so at
+    β = 3000 the others weigh less than e^(−24) and the limit holds to 1e-4 (measured:
+    1.2e-5, from the fp32 rounding of the scores β·s ≈ 3000; at β = 100 it is 7e-3)."""
+    torch.manual_seed(0)
+    q, k = unit_rows(torch.randn(12, 8)), unit_rows(torch.randn(12, 8))
+    for n_images, N in ((2, 5), (1, 11)):
+        plain = dcl.patch_nce_loss(q, k, n_images, 0.07)
+        assert torch.equal(dcl.patch_nce_loss(q, k, n_images, 0.07, hard_beta=0.0), plain)
+        S = 12 // n_images
+        s = (q.view(n_images, S, 8) @ k.view(n_images, S, 8).transpose(1, 2)).double()
+        pos = s.diagonal(dim1=1, dim2=2).flatten()
+        negs = s.masked_select(~torch.eye(S, dtype=torch.bool)).view(12, N)
+        top2 = negs.topk(2, dim=1).values
+        assert (top2[:, 0] - top2[:, 1] > 0.008).all()
+        limit = -torch.log(torch.exp(pos / 0.07) / (torch.exp(pos / 0.07) + N * torch.exp(top2[:, 0] / 0.07)))
+        losses = [plain] + [dcl.patch_nce_loss(q, k, n_images, 0.07, hard_beta=b) for b in (1.0, 10.0, 100.0)]
+        for lower, higher in zip(losses, losses[1:]):
+            assert (higher >= lower - 1e-5).all() and (higher > lower).any()
+        assert (losses[-1] <= limit.float() + 1e-5).all()
+        hardest = dcl.patch_nce_loss(q, k, n_images, 0.07, hard_beta=3000.0)
+        assert torch.allclose(hardest.double(), limit, rtol=1e-4)
+
+
+def test_hard_negative_weights_average_to_1(monkeypatch):
+    """§6: the weights enter as log w_j added to negative j's logit, so the logits
+    handed to cross_entropy (captured here) give w_j = exp(hard − plain): they average
+    to exactly 1 over each row's N real negatives (mean_j w_j = 1), the positive and
+    the masked diagonal columns are unweighted, and w_j equals exp(β·s_j)/mean_m
+    exp(β·s_m) recomputed here, to 1e-5 (β = 5, τ = 0.07, 2 images × 5 patches). The
+    loss equals the one-row-at-a-time formula of hard_nce_by_hand to 1e-5. At τ = 10,
+    where the diagonal's e^(−10/τ) = 0.37 is not negligible, the loss still equals that
+    formula, which keeps the diagonal term unweighted as the official loss does (the
+    docstring's formula leaves that term out; at τ = 0.07 it is 7e-63)."""
+    torch.manual_seed(0)
+    q, k = unit_rows(torch.randn(10, 8)), unit_rows(torch.randn(10, 8))
+    captured, cross_entropy = [], torch.nn.functional.cross_entropy
+    monkeypatch.setattr(dcl.F, "cross_entropy", lambda logits, *a, **kw: (
+        captured.append(logits.detach().double()), cross_entropy(logits, *a, **kw))[1])
+    plain, hard = dcl.patch_nce_loss(q, k, 2, 0.07), dcl.patch_nce_loss(q, k, 2, 0.07, hard_beta=5.0)
+    by_hand, weights = hard_nce_by_hand(q, k, 2, 0.07, 5.0)
+    log_w = captured[1] - captured[0]                          # (n·S)×(1 + S)
+    diagonal = torch.eye(5, dtype=torch.bool).repeat(2, 1)    # row b·5 + i: column 1 + i
+    assert log_w[:, 0].abs().max() < 1e-9 and log_w[:, 1:][diagonal].abs().max() < 1e-9
+    w = log_w[:, 1:][~diagonal].exp().view(10, 4)
+    assert torch.allclose(w.mean(dim=1), torch.ones(10, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(w, torch.stack(weights), rtol=1e-4)
+    assert torch.allclose(hard.double(), by_hand, rtol=1e-5)
+    assert not torch.allclose(hard, plain, rtol=1e-3)
+    at_tau_10 = dcl.patch_nce_loss(q, k, 2, 10.0, hard_beta=5.0)
+    assert torch.allclose(at_tau_10.double(), hard_nce_by_hand(q, k, 2, 10.0, 5.0)[0], rtol=1e-5)
+
+
+def test_hard_negative_weights_are_detached():
+    """§6: the weights are constants for backward: the gradient of the β = 5 loss with
+    respect to the queries equals that of hard_nce_by_hand with the weights computed
+    beforehand and passed in as fixed numbers (to 1e-5), and differs from the
+    gradient obtained when the weights are differentiated too."""
+    torch.manual_seed(0)
+    q0, k = unit_rows(torch.randn(10, 8)), unit_rows(torch.randn(10, 8))
+    _, fixed = hard_nce_by_hand(q0, k, 2, 0.07, 5.0)
+    grads = []
+    for fn in (lambda q: dcl.patch_nce_loss(q, k, 2, 0.07, hard_beta=5.0).double(),
+               lambda q: hard_nce_by_hand(q, k, 2, 0.07, 5.0, fixed_weights=fixed)[0],
+               lambda q: hard_nce_by_hand(q, k, 2, 0.07, 5.0, detach=False)[0]):
+        q = q0.clone().requires_grad_()
+        fn(q).sum().backward()
+        grads.append(q.grad.double())
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(grads[0], grads[2], rtol=1e-2)
+
+
+@pytest.mark.parametrize("mode", ["cut", "dcl"])
+def test_train_with_hard_negatives(mode, runs, data, tmp_path, capsys):
+    """§8-§9: `train --nce_hard_beta 1 --max_steps 2` runs (exit 0, finite losses, β
+    stored in the config). For CUT, step 1 starts from the same nets, data and patch
+    ids as the runs fixture's plain run (equal D_real), and its NCE terms are at
+    least the plain ones: with w_j increasing in s_j and mean 1, Σ_j w_j·e^(s_j/τ) ≥
+    Σ_j e^(s_j/τ) (Chebyshev's sum inequality), row by row."""
+    code, _, err = train_in_process(capsys, "--mode", mode, "--dataroot", data, *TINY, "--max_steps", 2,
+                                    "--nce_hard_beta", 1, "--checkpoints_dir", tmp_path, "--name", mode)
+    assert code == 0, err
+    rows = read_log(tmp_path / mode)
+    assert len(rows) == 2 and all(math.isfinite(r[k]) for r in rows for k in LOSS_NAMES[mode])
+    assert json.loads((tmp_path / mode / "config.json").read_text())["nce_hard_beta"] == 1.0
+    if mode == "cut":
+        plain = read_log(runs("cut")[1])[0]
+        assert rows[0]["D_real"] == pytest.approx(plain["D_real"], rel=1e-6)
+        assert rows[0]["NCE"] > plain["NCE"] and rows[0]["NCE_Y"] > plain["NCE_Y"]
+
+
+# -----------------------------------------------------------------------------
+# hardening: signals, kill -9, NaN, bad input, checkpoints (§9-§11)
+# -----------------------------------------------------------------------------
+
+def start_training(root: Path, name: str, data: Path, *extra):
+    """A long tiny `train` in a child process of its own session (so a signal can
+    go to its whole process group); stdout goes to root/name.out, never a pipe
+    that a chatty run could fill."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{name}.out", "w") as out:
+        return subprocess.Popen([sys.executable, "dcl.py", "train", "--dataroot", str(data), *map(str, TINY),
+                                 "--display_freq", "1000", "--max_steps", "100000", "--checkpoints_dir",
+                                 str(root), "--name", name, *map(str, extra)],
+                                cwd=REPO, env=ENV, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def wait_until(condition, procs, timeout=60.0, pause=0.01):
+    """Poll condition() until it holds; fail if a child ends first or time runs out."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert all(p.poll() is None for p in procs), "a training process ended early"
+        assert time.monotonic() < end, "timed out"
+        time.sleep(pause)
+
+
+def log_rows(run_dir: Path) -> int:
+    path = run_dir / "log.jsonl"
+    return path.read_text().count("\n") if path.exists() else 0
+
+
+def test_sigint_and_sigterm_save_and_resume(data, tmp_path, capsys):
+    """§9: Ctrl-C or SIGTERM finishes the current step, saves and exits with 128 +
+    signal (130, 143), printing "stopped by signal N at step K" and a resume command
+    with --continue_train; ckpt_latest.pt then loads with weights_only=True and
+    holds step K, the last logged step. Running the printed command (in-process,
+    plus --max_steps K+1 and --num_threads 0, both changeable on resume) trains
+    exactly one more step. SIGINT goes to the whole process group, as a terminal's
+    Ctrl-C does, with a data-loading worker (--num_threads 1) that receives it too;
+    SIGTERM goes to the main process only, as `kill` sends it. Both runs start
+    together, so their start-up (importing torch) overlaps."""
+    cases = {signal.SIGINT: 1, signal.SIGTERM: 0}
+    procs = {sig: start_training(tmp_path, sig.name, data, "--num_threads", workers)
+             for sig, workers in cases.items()}
+    try:
+        for sig, proc in procs.items():
+            wait_until(lambda: log_rows(tmp_path / sig.name) >= 3, [proc])
+            if sig == signal.SIGINT:
+                os.killpg(proc.pid, sig)                      # the whole group, as Ctrl-C
+            else:
+                proc.send_signal(sig)
+        for proc in procs.values():
+            proc.wait(timeout=60)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    for sig, proc in procs.items():
+        run_dir, out = tmp_path / sig.name, (tmp_path / f"{sig.name}.out").read_text()
+        assert proc.returncode == 128 + sig, out[-2000:]
+        assert "Traceback" not in out
+        step = int(re.search(rf"stopped by signal {int(sig)} at step (\d+)", out).group(1))
+        assert read_log(run_dir)[-1]["step"] == step >= 3
+        assert torch.load(run_dir / "ckpt_latest.pt", weights_only=True)["step"] == step
+        command = shlex.split(out.strip().splitlines()[-1])
+        assert command[:3] == ["python", "dcl.py", "train"] and "--continue_train" in command
+        code, _, err = train_in_process(capsys, *command[3:], "--max_steps", step + 1, "--num_threads", 0)
+        assert code == 0, err
+        assert [r["step"] for r in read_log(run_dir)][-2:] == [step, step + 1]
+        assert torch.load(run_dir / "ckpt_latest.pt", weights_only=True)["step"] == step + 1
+
+
+def test_resume_without_dataroot_names_the_stored_data(runs, tmp_path, capsys):
+    """§9: continuing a run without --dataroot (as the printed resume command does)
+    trains on the stored dataroot: the data line counts its 4 A and 3 B images (the
+    bundled set has 300 and 260), and nothing printed claims the bundled set or
+    demo settings."""
+    shutil.copytree(runs("cut")[1], tmp_path / "cut")
+    code, out, err = train_in_process(capsys, "--name", "cut", "--checkpoints_dir", tmp_path,
+                                      "--continue_train", "--max_steps", 3)
+    assert code == 0, err
+    assert "data: 4 A, 3 B images" in out
+    assert "bundled" not in out and "(demo)" not in out
+
+
+def test_kill_9_during_checkpoint_writes(data, tmp_path, capsys):
+    """§9 (atomic_save: write ckpt_latest.pt.tmp, fsync, rename): with
+    --save_latest_freq 1 a checkpoint is written after every step. Three runs are
+    killed with SIGKILL at different moments once their first checkpoint exists:
+    the instant a write is seen in progress (a ckpt_latest.pt.tmp exists, or
+    ckpt_latest.pt itself shrank, as a write in place would make it), and 0.15 s and
+    0.4 s later. Each ckpt_latest.pt then loads with torch.load(weights_only=True)
+    and holds a step the log reached (a leftover .tmp is allowed), and the run
+    killed inside a write continues with --continue_train for one more step."""
+    def latest(name):
+        return tmp_path / name / "ckpt_latest.pt"
+    largest = [0]
+
+    def writing(since):
+        try:
+            size = latest("in_write").stat().st_size
+        except FileNotFoundError:
+            size = 0
+        largest[0] = max(largest[0], size)
+        return latest("in_write").with_suffix(".pt.tmp").exists() or size < largest[0]
+    triggers = {"in_write": writing,
+                "later": lambda since: time.monotonic() - since > 0.15,
+                "latest": lambda since: time.monotonic() - since > 0.4}
+    procs = {name: start_training(tmp_path, name, data, "--save_latest_freq", 1, "--print_freq", 1)
+             for name in triggers}
+    first_seen, deadline = {}, time.monotonic() + 90
+    try:
+        while any(p.poll() is None for p in procs.values()):
+            for name, proc in procs.items():
+                if proc.poll() is None and name not in first_seen and latest(name).exists():
+                    first_seen[name] = time.monotonic()
+                if proc.poll() is None and name in first_seen and triggers[name](first_seen[name]):
+                    proc.kill()
+                    proc.wait(timeout=10)
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.001)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    for name, proc in procs.items():
+        assert proc.returncode == -signal.SIGKILL, (tmp_path / f"{name}.out").read_text()[-2000:]
+        ckpt = torch.load(latest(name), weights_only=True)
+        assert ckpt["format"] == dcl.CHECKPOINT_FORMAT
+        assert 1 <= ckpt["step"] <= read_log(tmp_path / name)[-1]["step"]
+    step = torch.load(latest("in_write"), weights_only=True)["step"]
+    code, _, err = train_in_process(capsys, "--name", "in_write", "--checkpoints_dir", tmp_path,
+                                    "--continue_train", "--max_steps", step + 1)
+    assert code == 0, err
+    assert torch.load(latest("in_write"), weights_only=True)["step"] == step + 1
+    assert not latest("in_write").with_suffix(".pt.tmp").exists()
+
+
+@pytest.mark.parametrize("nan_step", [3, 2])
+def test_nan_loss_stops_before_any_checkpoint_of_it(nan_step, data, tmp_path, capsys, monkeypatch):
+    """§9 (report checks the losses before every checkpoint write): gan_loss is made
+    to return NaN from step nan_step on (a CUT step calls it 3 times: D real, D fake,
+    G). With --print_freq 100 and --save_latest_freq 2 the losses are read only at
+    the checkpoint steps 2 and 4. NaN at step 3: the step-2 checkpoint is written,
+    then at step 4 the run stops with exit 2 and one line "loss D_real became nan in
+    steps 3-4 (epoch 1); the last checkpoint was kept", and ckpt_latest.pt still holds
+    step 2 with finite weights. NaN at step 2: it stops at step 2 ("steps 1-2") and
+    no checkpoint exists. The log never holds a NaN row."""
+    calls, gan_loss = [0], dcl.gan_loss
+
+    def poisoned(*args):
+        calls[0] += 1
+        return gan_loss(*args) * (math.nan if calls[0] > 3 * (nan_step - 1) else 1.0)
+    monkeypatch.setattr(dcl, "gan_loss", poisoned)
+    code, _, err = train_in_process(capsys, "--dataroot", data, *TINY, "--max_steps", 8, "--print_freq", 100,
+                                    "--save_latest_freq", 2, "--display_freq", 100,
+                                    "--checkpoints_dir", tmp_path, "--name", "r")
+    first = 3 if nan_step == 3 else 1
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert f"loss D_real became nan in steps {first}-{first + 1} (epoch 1)" in err
+    assert "the last checkpoint was kept" in err and "--lr" in err
+    rows = read_log(tmp_path / "r")
+    assert all(math.isfinite(v) for r in rows for v in r.values())
+    if nan_step == 3:
+        ckpt = torch.load(tmp_path / "r" / "ckpt_latest.pt", weights_only=True)
+        assert ckpt["step"] == 2 and [r["step"] for r in rows] == [2]
+        assert all(v.isfinite().all() for net in ckpt["nets"].values() for v in net.values())
+    else:
+        assert not (tmp_path / "r" / "ckpt_latest.pt").exists() and rows == []
+
+
+@pytest.mark.parametrize("mode", list(dcl.MODES))
+def test_checkpoint_contents_load_weights_only(mode, runs):
+    """§9: every mode's ckpt_latest.pt loads with torch.load(weights_only=True) (tensors
+    and plain values only) and holds exactly format, version, mode, config, nets,
+    optimizers, step, epoch, epoch_step and rng: after `--max_steps 2` on 4 items,
+    step 2 of epoch 1; nets are the mode's NETWORKS, the optimisers its families,
+    the config a complete TrainConfig, the RNG states torch, python and numpy."""
+    ckpt = torch.load(runs(mode)[1] / "ckpt_latest.pt", weights_only=True)
+    assert set(ckpt) == {"format", "version", "mode", "config", "nets", "optimizers", "step", "epoch",
+                         "epoch_step", "rng"}
+    assert (ckpt["format"], ckpt["version"], ckpt["mode"], ckpt["step"], ckpt["epoch"], ckpt["epoch_step"]) \
+        == ("dcl.py checkpoint", 1, mode, 2, 1, 2)
+    assert set(ckpt["nets"]) == set(dcl.NETWORKS[mode])
+    families = {"cyclegan": {"G", "D"}, "negcut": {"G", "D", "H", "N"}, "fastnegcut": {"G", "D", "H", "N"}}
+    assert set(ckpt["optimizers"]) == families.get(mode, {"G", "D", "H"})
+    assert dataclasses.asdict(dcl.TrainConfig(**ckpt["config"])) == ckpt["config"]
+    assert {"torch", "python", "numpy"} <= set(ckpt["rng"])
+
+
+def bad_input_more(case, tmp_path, data, runs):
+    """(argv, strings the error line must contain) for more failure cases; files
+    made here exist before the snapshot that must not change."""
+    source = runs("cut")[1] / "ckpt_latest.pt"
+    image = ["--input", data / "testA" / "sub" / "2.png", "--output", tmp_path / "out"]
+    translate = ["translate", *image, "--device", "cpu", "--checkpoint"]
+    train = ["train", "--dataroot", data, *TINY, "--max_steps", 1, "--checkpoints_dir", tmp_path / "ck"]
+    if case == "truncated_checkpoint":
+        raw = source.read_bytes()
+        (tmp_path / "half.pt").write_bytes(raw[:len(raw) // 2])
+        return translate + [tmp_path / "half.pt"], ["half.pt", "not a readable checkpoint"]
+    if case == "version_99":
+        ckpt = torch.load(source, weights_only=True)
+        torch.save({**ckpt, "version": 99}, tmp_path / "v99.pt")
+        return translate + [tmp_path / "v99.pt"], ["v99.pt", "version 99", "version 1"]
+    if case == "output_is_a_file":
+        (tmp_path / "out").write_bytes(b"an existing file")
+        return translate + [source], ["cannot write", str(tmp_path / "out")]
+    if case == "translate_on_cuda":
+        return ["translate", *image, "--device", "cuda", "--checkpoint", source], ["--device cuda", "CUDA"]
+    if case == "train_on_cuda":
+        return train + ["--device", "cuda"], ["--device cuda", "CUDA is not available"]
+    if case == "layers_not_ascending":
+        return train + ["--nce_layers", "4,2"], ["--nce_layers 4,2", "ascending"]
+    if case == "unknown_gan_mode":
+        return train + ["--gan_mode", "foo"], ["--gan_mode", "'foo'"]
+    shutil.copytree(runs("cut")[1], tmp_path / "ck" / "cut")  # ngf_changed_on_resume
+    return ["train", "--name", "cut", "--checkpoints_dir", tmp_path / "ck", "--continue_train",
+            "--ngf", 16], ["--ngf cannot change", "stored: 8"]
+
+
+def file_tree(root: Path) -> dict:
+    return {p: p.read_bytes() if p.is_file() else None for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("case", ["truncated_checkpoint", "version_99", "output_is_a_file",
+                                  "translate_on_cuda", "train_on_cuda", "layers_not_ascending",
+                                  "unknown_gan_mode", "ngf_changed_on_resume"])
+def test_more_bad_input_changes_no_file(case, tmp_path, data, runs, capsys):
+    """§9-§11: a checkpoint cut in half, a checkpoint of version 99, a translate
+    --output that is an existing file, --device cuda on a machine without CUDA (train
+    and translate), --nce_layers 4,2, --gan_mode foo, and --ngf 16 when continuing a
+    run trained with ngf 8: each exits 2 with one line "error: ..." naming the file
+    or flag, no traceback, and leaves every file and folder as it was (no output
+    folder, no run folder, the run's checkpoint and log byte for byte)."""
+    if "cuda" in case and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    argv, needles = bad_input_more(case, tmp_path, data, runs)
+    before = file_tree(tmp_path)
+    code, _, err = main_in_process(capsys, *argv)
+    assert code == 2 and err.startswith("error:") and err.count("\n") == 1, err
+    assert all(needle in err for needle in needles) and "Traceback" not in err, err
+    assert file_tree(tmp_path) == before
+
+
+def test_translate_max_side(runs, tmp_path, capsys):
+    """§10: --max_side 40 shrinks a 57x31 image to 40x22 (31·40/57 = 21.75, rounded;
+    the aspect ratio 1.84 kept within a pixel) and leaves a 20x12 image, already
+    smaller, at its own size."""
+    write_image(tmp_path / "in" / "wide.png", (57, 31), seed=1)
+    write_image(tmp_path / "in" / "small.png", (20, 12), seed=2)
+    translate_in_process(capsys, runs("cut")[1] / "ckpt_latest.pt", tmp_path / "in", tmp_path / "out",
+                         "--max_side", 40)
+    assert Image.open(tmp_path / "out" / "wide.png").size == (40, 22)
+    assert Image.open(tmp_path / "out" / "small.png").size == (20, 12)
+
+
+def test_translate_out_of_memory_names_max_side(runs, data, tmp_path, capsys, monkeypatch):
+    """§10: an out-of-memory error inside G (torch.OutOfMemoryError, raised here by a
+    patched Generator.forward) exits 2 with one line naming the image and --max_side,
+    and writes nothing."""
+    def out_of_memory(self, x):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(dcl.Generator, "forward", out_of_memory)
+    code, _, err = main_in_process(capsys, "translate", "--checkpoint", runs("cut")[1] / "ckpt_latest.pt",
+                                   "--input", data / "testA" / "sub" / "2.png", "--output", tmp_path / "out",
+                                   "--device", "cpu")
+    assert code == 2 and err.startswith("error:") and err.count("\n") == 1, err
+    assert "2.png" in err and "--max_side" in err and "memory" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_printed_resume_command_survives_spaces(data, tmp_path, capsys):
+    """§9: the closing line's command can be pasted into a shell: for a run named
+    "first try" under "my runs/", shlex.split of the printed command gives back the
+    name and the checkpoints folder exactly."""
+    code, out, err = train_in_process(capsys, "--dataroot", data, *TINY, "--max_steps", 1,
+                                      "--display_freq", 100, "--checkpoints_dir", tmp_path / "my runs",
+                                      "--name", "first try")
+    assert code == 0, err
+    argv = shlex.split(out.strip().splitlines()[-1].partition("To train longer: ")[2])
+    assert argv[argv.index("--name") + 1] == "first try"
+    assert argv[argv.index("--checkpoints_dir") + 1] == str(tmp_path / "my runs")
 
 
 if __name__ == "__main__":
