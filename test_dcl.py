@@ -1107,17 +1107,10 @@ def test_translate_btoa_uses_g_ba(runs, data, tmp_path, capsys):
     assert np.array_equal(read(tmp_path / "ba" / "0.png"), expected)
 
 
-def test_resume_cyclegan_restores_the_image_pools(data, tmp_path, capsys):
-    """§9: CycleGAN, 4 steps in one run equal 2 steps, then --continue_train
-    to 4: identical log rows 3-4 and identical nets, the pools' images and
-    counts included. --pool_size 1 makes the pools full after step 1, so from
-    step 2 on D sees a random mix of the restored pool and new fakes (torch
-    RNG). In-process (no --deterministic: it would switch torch's global
-    deterministic mode on for the rest of the session; the CPU kernels used
-    here are deterministic anyway)."""
-    mode = "cyclegan"
-    flags = ["--mode", mode, "--dataroot", data, *TINY, "--pool_size", 1, "--seed", 1,
-             "--checkpoints_dir", tmp_path]
+def whole_and_resumed(capsys, tmp_path, mode, *flags):
+    """Train run A for 4 steps, run B for 2 then --continue_train to 4, in
+    process; assert identical log rows 3-4; return both final checkpoints."""
+    flags = ["--mode", mode, *TINY, "--seed", 1, "--checkpoints_dir", tmp_path, *flags]
     for name, extra in (("A", ["--max_steps", 4]), ("B", ["--max_steps", 2]),
                         ("B", ["--max_steps", 4, "--continue_train"])):
         code, _, err = train_in_process(capsys, *flags, "--name", name, *extra)
@@ -1126,7 +1119,20 @@ def test_resume_cyclegan_restores_the_image_pools(data, tmp_path, capsys):
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
     for row_a, row_b in zip(a[2:], b[2:]):
         assert {k: row_a[k] for k in LOSS_NAMES[mode]} == {k: row_b[k] for k in LOSS_NAMES[mode]}
-    nets_a, nets_b = (torch.load(tmp_path / n / "ckpt_latest.pt", weights_only=True)["nets"] for n in "AB")
+    return [torch.load(tmp_path / n / "ckpt_latest.pt", weights_only=True) for n in "AB"]
+
+
+def test_resume_cyclegan_restores_the_image_pools(data, tmp_path, capsys):
+    """§9: CycleGAN, 4 steps in one run equal 2 steps, then --continue_train
+    to 4: identical log rows 3-4 and identical nets, the pools' images and
+    counts included. --pool_size 1 makes the pools full after step 1, so from
+    step 2 on D sees a random mix of the restored pool and new fakes (torch
+    RNG). In-process (no --deterministic: it would switch torch's global
+    deterministic mode on for the rest of the session; the CPU kernels used
+    here are deterministic anyway)."""
+    ckpt_a, ckpt_b = whole_and_resumed(capsys, tmp_path, "cyclegan", "--dataroot", data,
+                                       "--pool_size", 1)
+    nets_a, nets_b = ckpt_a["nets"], ckpt_b["nets"]
     assert [nets[p]["_extra_state"] for nets in (nets_a, nets_b) for p in ("pool_a", "pool_b")] == [1] * 4
     for net in dcl.NETWORKS["cyclegan"]:
         assert nets_a[net].keys() == nets_b[net].keys()
@@ -1548,17 +1554,8 @@ def test_resume_negcut(data, tmp_path, capsys):
     identical log rows 3-4 (N included) and identical weights of every net, N and
     H_ema included (the noise z comes from the restored torch RNG). In-process, as
     for CycleGAN."""
-    flags = ["--mode", "negcut", "--dataroot", data, *TINY, "--seed", 1, "--display_freq", 100,
-             "--checkpoints_dir", tmp_path]
-    for name, extra in (("A", ["--max_steps", 4]), ("B", ["--max_steps", 2]),
-                        ("B", ["--max_steps", 4, "--continue_train"])):
-        code, _, err = train_in_process(capsys, *flags, "--name", name, *extra)
-        assert code == 0, err
-    a, b = read_log(tmp_path / "A"), read_log(tmp_path / "B")
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
-    for row_a, row_b in zip(a[2:], b[2:]):
-        assert {k: row_a[k] for k in LOSS_NAMES["negcut"]} == {k: row_b[k] for k in LOSS_NAMES["negcut"]}
-    ckpt_a, ckpt_b = (torch.load(tmp_path / n / "ckpt_latest.pt", weights_only=True) for n in "AB")
+    ckpt_a, ckpt_b = whole_and_resumed(capsys, tmp_path, "negcut", "--dataroot", data,
+                                       "--display_freq", 100)
     nets_a, nets_b = ckpt_a["nets"], ckpt_b["nets"]
     assert set(nets_a) == set(dcl.NETWORKS["negcut"]) and set(ckpt_a["optimizers"]) == {"G", "D", "H", "N"}
     for net in dcl.NETWORKS["negcut"]:
