@@ -1503,13 +1503,15 @@ class Meter:
         return means, speed, waiting
 
 
-def fixed_samples(cfg: TrainConfig, count: int = 4) -> tuple:
+def fixed_samples(cfg: TrainConfig, dataset: UnpairedDataset, count: int = 4) -> tuple:
     """A few held-out inputs (testA/testB if present, else the first training
-    images), resized without crop or flip, as translate would see them."""
+    images the dataset already listed), resized without crop or flip, as
+    translate would see them."""
     batches = []
-    for test_folder, train_folder in zip(domain_folders(cfg, "test"), domain_folders(cfg)):
+    for test_folder, train_files in zip(domain_folders(cfg, "test"),
+                                        (dataset.files_a, dataset.files_b)):
         files = find_images(test_folder) if test_folder.is_dir() else []
-        files = (files or find_images(train_folder))[:count]
+        files = (files or train_files)[:count]
         images = [load_rgb(p).resize((cfg.crop_size,) * 2, Image.Resampling.BICUBIC) for p in files]
         batches.append(torch.stack([to_tensor(img) for img in images]))
     n = min(len(batches[0]), len(batches[1]))
@@ -1562,7 +1564,7 @@ def train(cfg: TrainConfig, source: dict, argv: list) -> int:
     steps_per_epoch = len(dataset) // cfg.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"--batch_size {cfg.batch_size} is larger than the dataset ({len(dataset)})")
-    samples = fixed_samples(cfg)
+    samples = fixed_samples(cfg, dataset)
     nets = build_networks(cfg, device)
     opts = build_optimizers(nets, cfg)
     step, epoch, epoch_step = 0, 1, 0
