@@ -1,156 +1,123 @@
 """dcl.py: contrastive unpaired image-to-image translation in one file.
 
 A readable, runnable reference for patch-wise contrastive translation:
-
-  CUT, FastCUT     Park, Efros, Zhang, Zhu. "Contrastive Learning for Unpaired
-                   Image-to-Image Translation", ECCV 2020, arXiv 2007.15651.
-                   Official code: taesungp/contrastive-unpaired-translation (b3ac297).
-  NEGCUT           Wang, Wang, Ma, Li, Jiang. "Instance-wise Hard Negative Example
-                   Generation for Contrastive Learning in Unpaired Image-to-Image
-                   Translation", ICCV 2021, arXiv 2108.04547. Official code:
-                   WeilunWang/NEGCUT (c7dbe3d).
-  DCLGAN, SimDCL   Han, Shoeiby, Petersson, Armin. "Dual Contrastive Learning for
-                   Unsupervised Image-to-Image Translation", CVPR Workshops 2021,
-                   arXiv 2104.07689. Official code: JunlinHan/DCLGAN (abb805c).
-  CycleGAN         Zhu, Park, Isola, Efros, ICCV 2017, arXiv 1703.10593; the baseline.
-                   Upstream code: junyanz/pytorch-CycleGAN-and-pix2pix.
-  Extensions, off by default: a VGG16 perceptual loss (--lambda_perc, Johnson et
-  al. 2016) and hard-negative weighting of PatchNCE (--nce_hard_beta, Robinson
-  et al. 2021).
-
-Every network keeps the official layer indices and state-dict key names, so
-official `latest_net_G.pth` / `latest_net_G_A.pth` files load with strict=True;
-every default is the official code's. Where a paper and its official code
-disagree, the code wins and the difference is in the faithfulness notes below.
+  CUT, FastCUT    Park, Efros, Zhang, Zhu, ECCV 2020, arXiv 2007.15651; official
+                  code taesungp/contrastive-unpaired-translation (b3ac297).
+  NEGCUT          Wang, Wang, Ma, Li, Jiang, ICCV 2021, arXiv 2108.04547; official
+                  code WeilunWang/NEGCUT (c7dbe3d).
+  DCLGAN, SimDCL  Han, Shoeiby, Petersson, Armin, CVPR Workshops 2021, arXiv
+                  2104.07689; official code JunlinHan/DCLGAN (abb805c).
+  CycleGAN        Zhu, Park, Isola, Efros, ICCV 2017, arXiv 1703.10593; the baseline
+                  (upstream junyanz/pytorch-CycleGAN-and-pix2pix).
+  Extensions, off by default: a VGG16 perceptual loss (--lambda_perc) and
+  hard-negative weighting of PatchNCE (--nce_hard_beta).
+Every network keeps the official layer indices and state-dict keys, so official
+`latest_net_G.pth` files load strictly; every default is the official code's.
 
 Commands
     python dcl.py train --mode simdcl                   # bundled data, demo settings
     python dcl.py train --mode cut --max_steps 2        # does one training cycle work?
     python dcl.py train --mode cut --dataroot ./datasets/horse2zebra --name h2z
-    python dcl.py train --name h2z --continue_train     # resume, exactly where it stopped
+    python dcl.py train --name h2z --continue_train     # resume exactly where it stopped
     python dcl.py translate --checkpoint checkpoints/h2z/ckpt_latest.pt \\
                             --input ./datasets/horse2zebra/testA --output ./results/h2z
-    (two-generator modes: translate --direction BtoA uses G_ba)
+    python dcl.py bench --mode all                      # s/iter, images/s, TFLOP/s per mode
+    torchrun --nproc_per_node=4 dcl.py train --mode cut --dataroot ...   # multi-GPU (DDP)
 
-Contents (banners below carry these numbers; [core] = the methods,
-[plumbing] = the machinery around them, safe to skip on a first read)
-    1. Config and mode presets     [plumbing]
-    2. Building blocks: antialiased resampling, ResNet block, init
-    3. Generator G                 [core]
-    4. Discriminator D (PatchGAN)
-    5. Heads: projection H, SimDCL's M, NEGCUT's N; CycleGAN's image pool [core]
-    6. Losses, and the optional VGG16 perceptual loss   [core]
-    7. Unpaired data               [plumbing]
-    8. The training steps          [core]
-    9. The training loop, checkpoints, samples   [plumbing]
-   10. Translate                   [plumbing]
-   11. Command line                [plumbing]
+Contents ([core] = the methods, [plumbing] = the machinery around them)
+    1. Config and mode presets [plumbing]      7. Unpaired data [plumbing]
+    2. Building blocks                         8. The training steps [core]
+    3. Generator G [core]                      9. The training loop [plumbing]
+    4. Discriminator D (PatchGAN)             10. Translate [plumbing]
+    5. Heads H, M, N; the image pool [core]   11. Bench [plumbing]
+    6. Losses [core]                          12. Command line [plumbing]
 
 Letters: n images per batch, S sampled patches per layer and image
-(--num_patches), E projection width (--netF_nc), L tapped layers, C/H/W channels
-and size of a feature map, τ the temperature (--nce_T). The letter D is only
-ever the discriminator. Domains are a (source, X) and b (target, Y).
+(--num_patches), E projection width (--netF_nc), L tapped layers, C/H/W a
+feature map's channels and size, τ the temperature (--nce_T). D is only ever
+the discriminator. Domains are a (source, X) and b (target, Y).
 
 Glossary (code name | paper symbol | official name or flag)
-    G                  | G = G_dec ∘ G_enc         | netG (CUT)
-    G_ab, G_ba         | G: X→Y, F: Y→X            | netG_A, netG_B
-    G.encode           | G_enc, the encoder taps   | netG(x, layers, encode_only=True)
+    G; G_ab, G_ba      | G; G: X→Y, F: Y→X         | netG; netG_A, netG_B
+    G.encode, taps     | G_enc                     | netG(x, layers, encode_only=True)
     D; D_b, D_a        | D; D_Y, D_X               | netD; netD_A (judges B), netD_B
     H; H_a, H_b        | H_l; H_X, H_Y             | netF (PatchSampleF); netF1, netF2
-    M_ra M_fb M_rb M_fa| SimDCL's light heads      | netF3, netF4, netF5, netF6 (MappingF)
+    M_ra M_fb M_rb M_fa| SimDCL's light heads      | netF3 .. netF6 (MappingF)
+    N, H_ema           | negative generator, H̄     | netN, netF_ (NEGCUT)
     pool_a, pool_b     | image history buffer      | fake_A_pool, fake_B_pool (--pool_size)
-    N                  | negative generator        | netN (Negative_Generator)
-    H_ema              | momentum head H̄            | netF_ (files *_net_F_.pth)
-    lambda_MS_neg      | λ_MS, N's diversity       | --lambda_MS_neg
-    real_a, real_b     | x ∈ X, y ∈ Y              | real_A, real_B
-    fake_b, fake_a     | G(x), F(y)                | fake_B, fake_A
+    real_a, fake_b     | x, G(x)                   | real_A, fake_B
     idt_b = G(real_b)  | identity image            | idt_B (CUT), idt_A (DCLGAN, CycleGAN)
     feat_q, feat_k     | query z, keys z⁺ and z⁻   | feat_q, feat_k
     lambda_NCE         | λ_X (= λ_Y), λ_NCE        | --lambda_NCE
-    lambda_IDT         | λ_idt                     | --lambda_IDT (CycleGAN: --lambda_identity)
-    lambda_SIM         | λ_SIM                     | --lambda_SIM
+    lambda_IDT, _SIM   | λ_idt, λ_SIM              | --lambda_IDT (CycleGAN --lambda_identity), --lambda_SIM
+    lambda_MS_neg      | λ_MS, N's diversity       | --lambda_MS_neg
     NCE, NCE_Y         | ℓ_PatchNCE(G,H,X), (…,Y)  | loss_NCE, loss_NCE_Y
-    NCE1, NCE2         | L_PatchNCE(G, H_X, H_Y, X), (F, …, Y) | loss_NCE1, loss_NCE2
-    Sim                | L_sim                     | loss_Sim
+    NCE1, NCE2, Sim    | L_PatchNCE for G and F, L_sim | loss_NCE1, loss_NCE2, loss_Sim
     N (in the log)     | L_N = −NCE + L_div        | loss_N
-    perc               | L_perc (extension)        | --lambda_perc, --lambda_perc_content
-    tau                | τ = 0.07                  | --nce_T
-    num_patches        | S = 256                   | --num_patches
-    netF_nc            | E = 256                   | --netF_nc
-    nce_layers         | the L layers l            | --nce_layers 0,4,8,12,16
-    continue_train     | (resume)                  | --continue_train, alias --resume
+    tau, num_patches, netF_nc, nce_layers | τ 0.07, S 256, E 256, l | --nce_T, --num_patches, ...
 
 Faithfulness notes: every place this file differs from the official code
-(methods.md §10 numbers the quirks Q1..Q38), and the official quirks we keep.
-  F1  Kept: the l_neg diagonal is filled with −10 before dividing by τ (Q1); the
-      README's −inf gives the same value in fp32 (exp(−142.9) = 0).
+(methods.md §10 numbers its quirks Q1..Q38), and the quirks we keep.
+  F1  Kept: the l_neg diagonal is filled with −10 before dividing by τ (Q1).
   F2  Kept: keys are detached (Q2); one patch-id set per layer is shared by
-      every image of the batch (Q3); negatives come from the same image.
-  F3  Changed: patch ids, the FastCUT flip coin, the B draw and the image pool
-      use torch's RNG instead of numpy's and Python's (Q4, Q15), so one --seed
-      covers all. Same distributions; runs are not bit-identical to official ones.
-  F4  Changed: PatchNCE views patches per image with the tensor's real batch
-      size, not the --batch_size option (Q5); identical at batch 1.
-  F5  Changed: heads are built eagerly from known channel counts, not lazily
-      on a throw-away first batch (Q8); layer ids are a tuple, never mutated (Q7).
-  F6  Kept: no random crop during the LR-decay epochs (Q9) in the CUT lineage;
-      --crop_in_decay turns cropping back on (CycleGAN: on). Kept: the LR
-      never reaches 0 (Q10); CycleGAN uses the same schedule, one epoch later
-      than recent upstream code, which steps it at the start of an epoch (Q11).
-  F7  Changed: counters count optimisation steps, not images (Q14); the
-      frequencies are in steps. Identical at batch 1.
-  F8  Changed: translate processes every input once, at native resolution,
-      keeping names (Q13); --resize 256 gives the official test protocol
-      (square bicubic resize, truncating uint8 conversion, PNG).
-  F9  Changed: D scores real and fake images in one call and a generator its
-      translation and identity inputs in one call (exact: no layer mixes
-      images); augmentation is drawn from a per-item seed, so a run is the
-      same whatever --num_threads, and resumes exactly mid-epoch.
-  F10 Changed: --max_dataset_size truncates the sorted file list (official:
-      walk order); --crop_size must be a multiple of 4 (official silently
-      resizes to one); one checkpoint file holds every net, optimiser, counter,
-      RNG state, image pool and the config (official: one weights file per net).
-  F11 Kept (DCLGAN, SimDCL): the hinge generator loss is mean(relu(1 − D(G(x)))),
-      not −mean(D(G(x))) (Q16); D losses are not scaled by λ_GAN (Q18); every
-      term is half of the paper's Eq. 8 (Q20); no image pool although the paper
-      says 50 (Q21); lr 2e-4 and 200 + 200 epochs, the code's defaults, where
-      the paper says 1e-4 and 400 (DCLGAN) or 200 epochs (SimDCL) (Q22);
-      negatives pooled over the whole batch (Q23, a flag).
-  F12 Kept (DCLGAN): the heads' Adam runs at PyTorch's defaults, lr 1e-3 and
-      betas (0.9, 0.999), not the paper's 2e-4 (Q17); set by the preset as
-      --lr_H 1e-3 --beta1_H 0.9, undone with --lr_H 0 --beta1_H -1.
-  F13 Changed (DCLGAN, SimDCL): the L1 identity term is switched by
-      λ_IDT > 0, not by --nce_idt (Q19); same result at the defaults. PatchNCE
-      uses dot products of the eps-normalised vectors where DCLGAN computes
-      cosines: equal once ‖z‖ ≫ 1e-7, within 1% at initialisation.
+      the batch (Q3); negatives come from the same image.
+  F3  Changed: patch ids, the flip coin, the B draw and the image pool use
+      torch's RNG, not numpy's and Python's (Q4, Q15): one --seed covers all.
+  F4  Changed: PatchNCE views patches by the tensor's real batch size, not
+      --batch_size (Q5); identical at batch 1.
+  F5  Changed: heads are built eagerly from known channel counts (Q8); layer
+      ids are a tuple, never mutated (Q7).
+  F6  Kept: no random crop in the LR-decay epochs of the CUT lineage (Q9;
+      --crop_in_decay undoes it); the LR never reaches 0 (Q10); CycleGAN uses
+      the same schedule, one epoch later than recent upstream code (Q11).
+  F7  Changed: counters count optimisation steps, not images (Q14).
+  F8  Changed: translate keeps native resolution and names (Q13); --resize
+      256 gives the official test protocol.
+  F9  Changed: D scores real and fake in one call, G its translation and
+      identity inputs in one call (exact: no layer mixes images), and the
+      keys reuse the encoder activations of that call (exact: the same
+      weights, the same input); augmentation draws come from per-item seeds.
+  F10 Changed: --max_dataset_size cuts the sorted file list; --crop_size must
+      be a multiple of 4; one checkpoint file holds everything.
+  F11 Kept (DCLGAN, SimDCL): the hinge G loss is mean(relu(1 − D(G(x)))) (Q16);
+      D losses are not scaled by λ_GAN (Q18); every term is half of Eq. 8
+      (Q20); no image pool (Q21); the code's lr and epochs, not the paper's
+      (Q22); negatives pooled over the batch (Q23).
+  F12 Kept (DCLGAN): the heads' Adam runs at lr 1e-3, betas (0.9, 0.999) (Q17),
+      set by the preset as --lr_H 1e-3 --beta1_H 0.9.
+  F13 Changed (DCLGAN, SimDCL): the L1 identity term is switched by λ_IDT > 0
+      (Q19); dot products of eps-normalised vectors, not cosines: equal once
+      ‖z‖ ≫ 1e-7, within 1% at initialisation.
   F14 Kept (SimDCL): L1Loss('sum') is a mean (Q24); the declared λ_NCE 2 is
-      never applied, so the preset says λ_NCE 1, the weight in effect (Q25);
-      the similarity features are not detached and the fake sets use fresh
-      patch ids (Q27); identity weight 1 (Q28). Changed: the mapping heads run
-      at any batch size and S, E (official: batch 1, S = E = 256), identical
-      at batch 1 (Q26).
-  F15 Changed (CycleGAN): upstream semantics, not the broken copies in the
-      CUT and DCLGAN repositories (Q36, Q37).
-  F16 NEGCUT. Kept: the momentum head starts from its own random init (Q32);
-      L_div uses the last branch's negatives only (Q34). Changed: no --lr_N,
-      which the official code declares but never reads: N uses --lr (Q29); in
-      N's step, G, H and H_ema run without gradient (Q30); H_ema's parameters
-      never collect gradients (Q31); the EMA is written H̄ + 0.1·(H − H̄) (Q33);
-      the noise is drawn on the device (Q35). N's update is the same.
-  F17 Extensions, absent from every official code and off in every preset:
-      --lambda_perc / --lambda_perc_content (VGG16 feature L1) and
-      --nce_hard_beta (importance-weighted negatives; not applied to NEGCUT's
-      generated negatives).
+      never applied (the preset says 1, Q25); nothing detached, fresh patch
+      ids for the fakes (Q27); identity weight 1 (Q28). Changed: the mapping
+      heads run at any batch size, S and E (Q26); identical at batch 1.
+  F15 Changed (CycleGAN): upstream semantics, not the CUT/DCLGAN copies (Q36, Q37).
+  F16 NEGCUT. Kept: H_ema's own random init (Q32); L_div on the last branch's
+      negatives (Q34). Changed: N uses --lr (the declared --lr_N is never
+      read, Q29); in N's step only N has gradients (Q30, Q31); the EMA is
+      written H̄ + 0.1·(H − H̄) (Q33); noise is drawn on the device (Q35).
+  F17 Extensions, in no official code and off in every preset: --lambda_perc,
+      --lambda_perc_content (VGG16 feature L1) and --nce_hard_beta.
+  F18 Added (--fast, on by default on CUDA): bf16 autocast for the networks,
+      with every output, L2 normalisation, logit and loss in fp32;
+      channels_last; fused Adam. Results change by bf16 rounding only;
+      --fast off is the official fp32 arithmetic (TF32 convolutions aside).
+  F19 Added: DDP under torchrun. Each process draws its own patch ids, noise
+      and flips (seed + rank) and sees its own share of A; PatchNCE, the
+      pooled negatives and the image pool stay per process. The effective
+      batch is world size × --batch_size; the LR is not scaled (papers: 1 GPU).
 
 Not included: visdom or any display server, HTML pages, dataset downloads,
 UNet/StyleGAN generators, SinCUT, FID (run pytorch-fid on translate output),
-DataParallel, wandb/tensorboard.
+DataParallel, CUDA graphs, wandb/tensorboard.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -166,6 +133,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
@@ -315,6 +283,9 @@ class TrainConfig:
     seed: int = _opt(0, "seeds torch, numpy, python and every data-augmentation draw")
     device: str = _opt("auto", "auto (CUDA if available), cpu, cuda or cuda:N")
     deterministic: bool = _opt(False, "deterministic cuDNN and torch algorithms")
+    fast: str = _opt("auto", "bf16 autocast, channels_last and fused Adam (auto: on CUDA "
+                     "only); off = the exact fp32 path", choices=("auto", "on", "off"))
+    compile: bool = _opt(False, "torch.compile G and D (minutes of start-up; pays on long runs)")
     print_freq: int = _opt(100, "steps between loss-log rows and progress lines")
     display_freq: int = _opt(2500, "steps between sample grids")
     save_latest_freq: int = _opt(5000, "steps between writes of ckpt_latest.pt")
@@ -462,6 +433,13 @@ def set_requires_grad(net: nn.Module, flag: bool) -> None:
         p.requires_grad_(flag)
 
 
+def unit(z: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """z/(‖z‖ + 1e-7) along dim, in fp32 even under bf16 autocast (--fast): the
+    official code adds the eps rather than clamping, and so do we."""
+    z = z.float()
+    return z / (z.norm(dim=dim, keepdim=True) + 1e-7)
+
+
 # -----------------------------------------------------------------------------
 # 3. Generator G [core]
 # -----------------------------------------------------------------------------
@@ -505,8 +483,18 @@ class Generator(nn.Module):
         layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, 3, 7), nn.Tanh()]
         self.model = nn.Sequential(*layers)
 
-    def forward(self, x):                                     # n×3×H×W in [−1, 1], H, W multiples of 4
-        return self.model(x)
+    def forward(self, x, taps: tuple | None = None):
+        """n×3×H×W in [−1, 1] (H, W multiples of 4) -> n×3×H×W, in fp32 under
+        --fast too. With taps, also the activations after those layers: the
+        keys of PatchNCE, taken from this pass instead of a second one (F9)."""
+        if taps is None:
+            return self.model(x).float()
+        feats = []
+        for index, layer in enumerate(self.model):
+            x = layer(x)
+            if index in taps:
+                feats.append(x)
+        return x.float(), feats
 
     def encode(self, x, layer_ids: tuple) -> list:
         """The activations after each listed layer. Stops after the last one,
@@ -563,8 +551,8 @@ class Discriminator(nn.Module):
                    nn.LeakyReLU(0.2, True), nn.Conv2d(8 * ndf, 1, 4, padding=1)]
         self.model = nn.Sequential(*layers)
 
-    def forward(self, x):                                     # n×3×H×W -> n×1×h×w scores
-        return self.model(x)
+    def forward(self, x):                                     # n×3×H×W -> n×1×h×w fp32 scores
+        return self.model(x).float()
 
 
 # -----------------------------------------------------------------------------
@@ -600,7 +588,7 @@ class ProjectionHead(nn.Module):
                 ids = patch_ids[index]
             picked = flat[:, ids, :].flatten(0, 1)            # (n·S_l)×C
             z = getattr(self, f"mlp_{index}")(picked)         # (n·S_l)×E
-            out.append(z / (z.norm(dim=1, keepdim=True) + 1e-7))  # official: eps added, not clamped
+            out.append(unit(z))
             ids_out.append(ids)
         return out, ids_out
 
@@ -613,7 +601,7 @@ class ProjectionHead(nn.Module):
         out = []
         for index, feat in enumerate(feats):
             z = getattr(self, f"mlp_{index}")(feat.permute(0, 2, 3, 1))  # n×H×W×E
-            out.append((z / (z.norm(dim=3, keepdim=True) + 1e-7)).mean(dim=(1, 2)))
+            out.append(unit(z, dim=3).mean(dim=(1, 2)))
         return out
 
 
@@ -639,7 +627,7 @@ class NegativeGenerator(nn.Module):
             z = torch.randn(v.shape[0], self.count, self.z_dim, device=v.device)  # fresh every call
             code = torch.cat([v[:, None].expand(-1, self.count, -1), z], dim=2)   # n×256×(E+64)
             y = getattr(self, f"mlp_{index}")(code.flatten(0, 1))                # (n·256)×E
-            out.append(y / (y.norm(dim=1, keepdim=True) + 1e-7))
+            out.append(unit(y))
         return out
 
 
@@ -657,8 +645,7 @@ class MappingHead(nn.Module):
                                    nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
 
     def forward(self, stack):
-        z = self.model(stack)
-        return z / (z.norm(dim=1, keepdim=True) + 1e-7)
+        return unit(self.model(stack))
 
 
 class ImagePool(nn.Module):
@@ -796,7 +783,7 @@ def patch_nce_loss(feat_q: torch.Tensor, feat_k: torch.Tensor, n_images: int,
 
 def nce_between(source, output, G_key, H_key, G_query, H_query, cfg: TrainConfig,
                 flip_back: bool = False, negcut: dict | None = None, n_step: bool = False,
-                extras: dict | None = None) -> torch.Tensor:
+                extras: dict | None = None, feat_k: list | None = None) -> torch.Tensor:
     """ℓ_PatchNCE(source -> output), averaged over patches and layers, × λ_NCE.
 
         NCE = (1/L)·Σ_l λ_NCE·mean_i ℓ_(l,i),   k = H(G.encode(source)),  q = H(G.encode(output))
@@ -811,21 +798,24 @@ def nce_between(source, output, G_key, H_key, G_query, H_query, cfg: TrainConfig
     replace the in-image ones [official NEGCUT code, models/losses.py]. With
     n_step, everything but N runs without gradient (N's own update, Q30).
     extras: filled with the keys (L × (n·S)×E, not detached), the query maps
-    and the negatives, for SimDCL's similarity loss and NEGCUT's diversity term."""
+    and the negatives, for SimDCL's similarity loss and NEGCUT's diversity term.
+    feat_k: G_key's tapped activations of source, if the step already has them
+    from its translation pass (the same weights and input: the same values)."""
     layer_ids = cfg.layer_ids
     with torch.set_grad_enabled(torch.is_grad_enabled() and not n_step):
         feat_q = G_query.encode(output, layer_ids)            # L maps n×C_l×H_l×W_l
         if flip_back:
             feat_q = [f.flip(3) for f in feat_q]
-        feat_k = G_key.encode(source, layer_ids)
+        feat_k = G_key.encode(source, layer_ids) if feat_k is None else feat_k
         keys, patch_ids = H_key(feat_k, cfg.num_patches)      # L × (n·S_l)×E
         queries, _ = H_query(feat_q, cfg.num_patches, patch_ids)
         means = negcut["H_ema"].mean_embedding(feat_k) if negcut else None  # L × n×E
     negatives = negcut["N"](means) if negcut else [None] * len(keys)  # L × (n·256)×E
     n = source.shape[0]                                       # the real batch size (Q5)
     groups = 1 if cfg.nce_includes_all_negatives_from_minibatch else n
-    layer_losses = [patch_nce_loss(q, k, groups, cfg.nce_T, cfg.nce_hard_beta, negs).mean()
-                    for q, k, negs in zip(queries, keys, negatives)]
+    with torch.autocast(source.device.type, enabled=False):  # logits in fp32 under --fast
+        layer_losses = [patch_nce_loss(q, k, groups, cfg.nce_T, cfg.nce_hard_beta, negs).mean()
+                        for q, k, negs in zip(queries, keys, negatives)]
     if extras is not None:
         extras.update(keys=keys, feat_q=feat_q, negatives=negatives)
     return cfg.lambda_NCE * torch.stack(layer_losses).mean()
@@ -915,7 +905,7 @@ class Perceptual(nn.Module):
             for name, weight in layers.items():
                 if index == VGG_LAYERS[name]:
                     a, b = x.chunk(2)
-                    loss = loss + weight * (a - b.detach()).abs().mean()
+                    loss = loss + weight * (a.float() - b.detach().float()).abs().mean()
         return loss
 
 
@@ -1046,22 +1036,26 @@ class UnpairedDataset(torch.utils.data.Dataset):
 
 class EpochSampler(torch.utils.data.Sampler):
     """One epoch's item keys: a seeded permutation (unless --serial_batches),
-    cut to whole batches (official drop_last), starting at a given batch."""
+    cut to whole batches (official drop_last), starting at a given batch.
+    Under torchrun, process r of w takes positions r, r + w, r + 2w, ... of
+    the same permutation, and every process gets the same number of batches."""
 
-    def __init__(self, n_items: int, cfg: TrainConfig, epoch: int, start_batch: int = 0):
+    def __init__(self, n_items: int, cfg: TrainConfig, epoch: int, start_batch: int = 0,
+                 rank: int = 0, world: int = 1):
         self.n_items, self.cfg, self.epoch, self.start = n_items, cfg, epoch, start_batch
+        self.rank, self.world = rank, world
         self.no_crop = epoch > cfg.n_epochs and not cfg.crop_in_decay
 
     def __len__(self):
-        return (self.n_items // self.cfg.batch_size - self.start) * self.cfg.batch_size
+        return (self.n_items // (self.cfg.batch_size * self.world) - self.start) * self.cfg.batch_size
 
     def __iter__(self):
         seed = lambda *key: int.from_bytes(  # noqa: E731 - a 62-bit hash of the key
             hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little") >> 2
         order = (torch.arange(self.n_items) if self.cfg.serial_batches else torch.randperm(
             self.n_items, generator=torch.Generator().manual_seed(seed(self.cfg.seed, self.epoch))))
-        usable = self.n_items - self.n_items % self.cfg.batch_size
-        for position in range(self.start * self.cfg.batch_size, usable):
+        for i in range(self.start * self.cfg.batch_size, self.start * self.cfg.batch_size + len(self)):
+            position = i * self.world + self.rank
             yield seed(self.cfg.seed, self.epoch, position), int(order[position]), self.no_crop
 
 
@@ -1069,9 +1063,16 @@ class EpochSampler(torch.utils.data.Sampler):
 # 8. The training steps [core]
 # -----------------------------------------------------------------------------
 
+def fast_path(cfg: TrainConfig, device) -> bool:
+    """--fast (F18): bf16 autocast, channels_last and fused Adam; auto = on CUDA."""
+    return cfg.fast == "on" or (cfg.fast == "auto" and torch.device(device).type == "cuda")
+
+
 def build_networks(cfg: TrainConfig, device) -> dict:
     """The mode's networks (NETWORKS), built eagerly and initialised; the head
-    sizes come from the tapped layers' channel counts (Q8)."""
+    sizes come from the tapped layers' channel counts (Q8). Under --fast the
+    convolutional nets keep their 4-d weights channels_last (NHWC), the layout
+    of the GPU's bf16 convolution kernels, so no layout copies run per layer."""
     with torch.device("meta"):                                # shapes only: no memory, no RNG
         G = make_generator(cfg)
         channels = G.tap_channels(cfg.layer_ids)
@@ -1092,18 +1093,23 @@ def build_networks(cfg: TrainConfig, device) -> dict:
         nets["H_ema"].requires_grad_(False)  # moved only by the EMA, never by gradients (Q31)
     if cfg.lambda_perc > 0 or cfg.lambda_perc_content > 0:
         nets["vgg"] = Perceptual(cfg.vgg_weights)             # frozen: no optimiser, no checkpoint
-    return {name: net.to(device) for name, net in nets.items()}
+    layout = torch.channels_last if fast_path(cfg, device) else torch.preserve_format
+    nets = {name: net.to(device, memory_format=layout) for name, net in nets.items()}
+    for name in nets:                   # compiled in place: the state-dict keys stay official
+        if cfg.compile and name[0] in "GD":
+            nets[name].compile()
+    return nets
 
 
 def make_generator(cfg: TrainConfig) -> Generator:
     return Generator(cfg.ngf, not cfg.no_antialias, not cfg.no_antialias_up)
 
 
-def build_optimizers(nets: dict, cfg: TrainConfig) -> dict:
+def build_optimizers(nets: dict, cfg: TrainConfig, fused: bool = False) -> dict:
     """One Adam per family: "G" (every generator), "D" (every discriminator),
     "H" (every head, with --lr_H and --beta1_H when set), "N" (NEGCUT, at --lr:
     the official --lr_N is never read, Q29); no weight decay. Frozen networks
-    (H_ema, VGG) and the image pools get none."""
+    (H_ema, VGG) and the image pools get none. fused: one kernel per step (--fast)."""
     params, opts = {}, {}
     for name, net in nets.items():
         trained = [p for p in net.parameters() if p.requires_grad]
@@ -1113,7 +1119,7 @@ def build_optimizers(nets: dict, cfg: TrainConfig) -> dict:
         lr, beta1 = cfg.lr, cfg.beta1
         if family == "H":
             lr, beta1 = cfg.lr_H or cfg.lr, cfg.beta1_H if cfg.beta1_H >= 0 else cfg.beta1
-        opts[family] = torch.optim.Adam(group, lr=lr, betas=(beta1, cfg.beta2))
+        opts[family] = torch.optim.Adam(group, lr=lr, betas=(beta1, cfg.beta2), fused=fused or None)
         opts[family].param_groups[0]["initial_lr"] = lr
     return opts
 
@@ -1167,10 +1173,12 @@ def cut_step(nets: dict, opts: dict, real_a, real_b, cfg: TrainConfig) -> dict:
     use_idt = cfg.nce_idt and cfg.lambda_NCE > 0
     x = torch.cat([real_a, real_b]) if use_idt else real_a    # (2n or n)×3×S×S
     flipped = cfg.flip_equivariance and float(torch.rand(())) < 0.5
-    if flipped:
-        x = x.flip(3)
-    y = G(x)
+    if flipped:                                               # the keys need the unflipped x
+        y, taps = G(x.flip(3)), None
+    else:                                                     # keys: this pass's activations (F9)
+        y, taps = G(x, cfg.layer_ids)
     fake_b, idt_b = y[:n], y[n:]
+    keys_a, keys_b = ([t[:n] for t in taps], [t[n:] for t in taps]) if taps else (None, None)
 
     [(loss_D_real, loss_D_fake)] = discriminator_step(opts["D"], [(D, real_b, fake_b)], cfg)
     zero = real_a.new_zeros(())
@@ -1178,10 +1186,10 @@ def cut_step(nets: dict, opts: dict, real_a, real_b, cfg: TrainConfig) -> dict:
 
     def nce_both(n_step: bool = False, extras: dict | None = None):
         """(NCE(real_a→fake_b), NCE(real_b→idt_b) or 0, their combination)."""
-        nce = nce_between(real_a, fake_b, G, H, G, H, cfg, flipped, negcut, n_step, extras) \
-            if cfg.lambda_NCE > 0 else zero                   # λ_X·ℓ_PatchNCE(G, H, X)
-        nce_y = nce_between(real_b, idt_b, G, H, G, H, cfg, flipped, negcut, n_step, extras) \
-            if use_idt else zero                              # λ_Y·ℓ_PatchNCE(G, H, Y)
+        nce = nce_between(real_a, fake_b, G, H, G, H, cfg, flipped, negcut, n_step, extras,
+                          keys_a) if cfg.lambda_NCE > 0 else zero  # λ_X·ℓ_PatchNCE(G, H, X)
+        nce_y = nce_between(real_b, idt_b, G, H, G, H, cfg, flipped, negcut, n_step, extras,
+                            keys_b) if use_idt else zero     # λ_Y·ℓ_PatchNCE(G, H, Y)
         return nce, nce_y, (0.5 * (nce + nce_y) if use_idt else nce)
 
     if negcut and cfg.lambda_NCE > 0:                         # 2b. N step
@@ -1218,13 +1226,15 @@ def cut_step(nets: dict, opts: dict, real_a, real_b, cfg: TrainConfig) -> dict:
     return {k: v.detach() for k, v in losses.items()}
 
 
-def translate_both(nets: dict, real_a, real_b, with_identity: bool) -> tuple:
+def translate_both(nets: dict, real_a, real_b, with_identity: bool, taps: tuple = ()) -> tuple:
     """fake_b, fake_a and, with identity, idt_b = G_ab(real_b), idt_a = G_ba(real_a),
-    in one pass per generator (exact: instance norm is per image)."""
-    n = real_a.shape[0]
-    out_b = nets["G_ab"](torch.cat([real_a, real_b]) if with_identity else real_a)
-    out_a = nets["G_ba"](torch.cat([real_b, real_a]) if with_identity else real_b)
-    return out_b[:n], out_a[:n], out_b[n:], out_a[n:]
+    in one pass per generator (exact: instance norm is per image); then the
+    tapped activations of real_a in G_ab and of real_b in G_ba (the NCE keys)."""
+    n, run = real_a.shape[0], lambda G, x: G(x, taps) if taps else (G(x), [])  # noqa: E731
+    out_b, taps_ab = run(nets["G_ab"], torch.cat([real_a, real_b]) if with_identity else real_a)
+    out_a, taps_ba = run(nets["G_ba"], torch.cat([real_b, real_a]) if with_identity else real_b)
+    return (out_b[:n], out_a[:n], out_b[n:], out_a[n:],
+            [t[:n] for t in taps_ab], [t[:n] for t in taps_ba])
 
 
 def dual_step(nets: dict, opts: dict, real_a, real_b, cfg: TrainConfig) -> dict:
@@ -1250,7 +1260,8 @@ def dual_step(nets: dict, opts: dict, real_a, real_b, cfg: TrainConfig) -> dict:
     Returns the losses under the official log names (D_A judges B images)."""
     n = real_a.shape[0]
     use_idt = cfg.lambda_IDT > 0
-    fake_b, fake_a, idt_b, idt_a = translate_both(nets, real_a, real_b, use_idt)
+    fake_b, fake_a, idt_b, idt_a, keys_a, keys_b = translate_both(nets, real_a, real_b, use_idt,
+                                                                  cfg.layer_ids)
     G_ab, G_ba, H_a, H_b = nets["G_ab"], nets["G_ba"], nets["H_a"], nets["H_b"]
 
     (D_A_real, D_A_fake), (D_B_real, D_B_fake) = discriminator_step(
@@ -1262,8 +1273,8 @@ def dual_step(nets: dict, opts: dict, real_a, real_b, cfg: TrainConfig) -> dict:
     loss_G_A = cfg.lambda_GAN * gan_loss(nets["D_b"](fake_b), True, cfg.gan_mode)
     loss_G_B = cfg.lambda_GAN * gan_loss(nets["D_a"](fake_a), True, cfg.gan_mode)
     similar, one, two = "M_ra" in nets, {}, {}
-    nce1 = nce_between(real_a, fake_b, G_ab, H_a, G_ba, H_b, cfg, extras=one)
-    nce2 = nce_between(real_b, fake_a, G_ba, H_b, G_ab, H_a, cfg, extras=two)
+    nce1 = nce_between(real_a, fake_b, G_ab, H_a, G_ba, H_b, cfg, extras=one, feat_k=keys_a)
+    nce2 = nce_between(real_b, fake_a, G_ba, H_b, G_ab, H_a, cfg, extras=two, feat_k=keys_b)
     loss_sim = zero
     if similar:                                               # fresh patch ids for the fakes (Q27)
         queries_b, _ = H_b(one["feat_q"], cfg.num_patches)
@@ -1306,7 +1317,7 @@ def cyclegan_step(nets: dict, opts: dict, real_a, real_b, cfg: TrainConfig) -> d
     Returns the losses under the official log names."""
     n = real_a.shape[0]
     use_idt = cfg.lambda_IDT > 0
-    fake_b, fake_a, idt_b, idt_a = translate_both(nets, real_a, real_b, use_idt)
+    fake_b, fake_a, idt_b, idt_a, _, _ = translate_both(nets, real_a, real_b, use_idt)
     rec_a, rec_b = nets["G_ba"](fake_b), nets["G_ab"](fake_a)   # n×3×S×S each
 
     set_requires_grad(nets["D_a"], False)                     # the G step: D frozen, gradients
@@ -1359,7 +1370,7 @@ def sample_columns(nets: dict, real_a, real_b, cfg: TrainConfig) -> list:
 CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "dcl.py checkpoint", 1
 RESUMABLE = {"n_epochs", "n_epochs_decay", "max_steps", "device", "num_threads", "print_freq",
              "display_freq", "save_latest_freq", "save_epoch_freq", "continue_train",
-             "deterministic", "checkpoints_dir", "dataroot", "vgg_weights"}
+             "deterministic", "checkpoints_dir", "dataroot", "vgg_weights", "fast", "compile"}
 
 
 def lr_multiplier(epoch: int, cfg: TrainConfig) -> float:
@@ -1544,8 +1555,44 @@ def write_run_info(run_dir: Path, cfg: TrainConfig, device: torch.device, argv: 
                 f"dcl.py sha256 {source_hash}\n  argv: {' '.join(argv)}\n")
 
 
+def setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """Under torchrun (RANK in the environment) join the process group: NCCL
+    and one GPU per process on CUDA, gloo on CPU. Returns (rank, world, device)."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def average_gradients(opt: torch.optim.Optimizer, args=(), kwargs=None) -> None:
+    """Run before every optimiser step under torchrun: each gradient becomes its
+    mean over the processes, one flat all-reduce per optimiser. That is DDP's
+    arithmetic without its wrapper, whose rule of one forward call per network
+    per backward the GAN steps break (a frozen D in the G step, encoder passes
+    outside forward); StyleGAN2-ADA's training loop does the same. Every
+    process runs the same code path, so the same parameters have gradients."""
+    grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+    if grads:
+        flat = torch.cat([g.flatten() for g in grads]).div_(dist.get_world_size())
+        dist.all_reduce(flat)
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+
+
 def train(cfg: TrainConfig, source: dict, argv: list) -> int:
-    device = pick_device(cfg.device)
+    rank, world, device = setup_distributed(pick_device(cfg.device))
+    try:
+        return train_loop(cfg, source, argv, rank, world, device)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def train_loop(cfg, source, argv, rank, world, device) -> int:
+    master = rank == 0                                        # only it prints and writes files
     run_dir = Path(cfg.checkpoints_dir) / cfg.name
     latest = run_dir / "ckpt_latest.pt"
     resume = read_checkpoint(latest) if cfg.continue_train else None
@@ -1559,14 +1606,16 @@ def train(cfg: TrainConfig, source: dict, argv: list) -> int:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = not cfg.deterministic
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed)                                 # the same initial weights everywhere
     dataset = UnpairedDataset(cfg)
-    steps_per_epoch = len(dataset) // cfg.batch_size
+    steps_per_epoch = len(dataset) // (cfg.batch_size * world)
     if steps_per_epoch == 0:
-        raise UserError(f"--batch_size {cfg.batch_size} is larger than the dataset ({len(dataset)})")
+        raise UserError(f"--batch_size {cfg.batch_size} × {world} processes is larger than the "
+                        f"dataset ({len(dataset)})")
     samples = fixed_samples(cfg, dataset)
+    fast = fast_path(cfg, device)
     nets = build_networks(cfg, device)
-    opts = build_optimizers(nets, cfg)
+    opts = build_optimizers(nets, cfg, fused=fast)
     step, epoch, epoch_step = 0, 1, 0
     if resume is not None:
         for name, state in resume["nets"].items():
@@ -1575,99 +1624,121 @@ def train(cfg: TrainConfig, source: dict, argv: list) -> int:
             opt.load_state_dict(resume["optimizers"][name])
         step, epoch, epoch_step = resume["step"], resume["epoch"], resume["epoch_step"]
         set_rng_state(resume["rng"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "samples").mkdir(exist_ok=True)
-    write_run_info(run_dir, cfg, device, argv)
+    if epoch_step == steps_per_epoch:                         # saved just as an epoch ended
+        epoch, epoch_step = epoch + 1, 0
+    if world > 1:                                             # own patch ids, noise, flips (F19)
+        seed_everything(cfg.seed + 1000 * rank + step)
+        for opt in opts.values():
+            opt.register_step_pre_hook(average_gradients)
+    if master:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "samples").mkdir(exist_ok=True)
+        write_run_info(run_dir, cfg, device, argv)
+    say = print if master else lambda *args, **kw: None
 
-    print(describe_config(cfg, source))
-    print("networks: " + ", ".join(f"{k} {count_parameters(v) / 1e6:.3f}M" for k, v in nets.items()
-                                   if count_parameters(v)))
+    say(describe_config(cfg, source))
+    say("networks: " + ", ".join(f"{k} {count_parameters(v) / 1e6:.3f}M" for k, v in nets.items()
+                                 if count_parameters(v)))
     total_steps = cfg.total_epochs * steps_per_epoch
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    print(f"data: {len(dataset.files_a)} A, {len(dataset.files_b)} B images, {steps_per_epoch} "
-          f"steps per epoch, batch {cfg.batch_size}; device {device}; run folder {run_dir}")
-    print(f"schedule: lr {cfg.lr:g} for epochs 1-{cfg.n_epochs}, then linear decay over "
-          f"{cfg.n_epochs_decay} epochs{' without random crops' if not cfg.crop_in_decay else ''}; "
-          f"{total_steps} steps in all" + (f", resuming at step {step}" if step else ""))
+    batch = (f"batch {cfg.batch_size}" if world == 1 else f"batch {cfg.batch_size} per process × "
+             f"{world} processes = {cfg.batch_size * world} (the papers used 1; lr not scaled)")
+    say(f"data: {len(dataset.files_a)} A, {len(dataset.files_b)} B images, {steps_per_epoch} "
+        f"steps per epoch, {batch}; device {device}{', bf16 fast path' if fast else ''}; "
+        f"run folder {run_dir}")
+    say(f"schedule: lr {cfg.lr:g} for epochs 1-{cfg.n_epochs}, then linear decay over "
+        f"{cfg.n_epochs_decay} epochs{' without random crops' if not cfg.crop_in_decay else ''}; "
+        f"{total_steps} steps in all" + (f", resuming at step {step}" if step else ""))
     if source.get("dataroot") not in ("flag", "stored"):
-        print(f"No --dataroot: training on the bundled set in {BUNDLED_DATA} with demo settings. "
-              f"Watch {run_dir / 'samples'}: a 2-core CPU shows the translation within ~10 minutes.")
+        say(f"No --dataroot: training on the bundled set in {BUNDLED_DATA} with demo settings. "
+            f"Watch {run_dir / 'samples'}: a 2-core CPU shows the translation within ~10 minutes.")
 
     step_fn, meter = STEPS[cfg.mode], Meter()
+    amp = torch.autocast(device.type, torch.bfloat16, enabled=fast)
+    layout = torch.channels_last if fast else torch.preserve_format
     log_path = run_dir / "log.jsonl"
-    if resume is not None and log_path.exists():              # rows logged after the checkpoint
+    if master and resume is not None and log_path.exists():  # rows logged after the checkpoint
         rows = log_path.read_text().splitlines(keepends=True)  # (a crash, kill -9) are redone
         log_path.write_text("".join(r for r in rows if r.strip() and json.loads(r)["step"] <= step))
-    log = open(log_path, "a")
-    tty, last_print = sys.stdout.isatty(), 0.0
+    log = open(log_path, "a") if master else None
+    tty, last_print = sys.stdout.isatty() and master, 0.0
     stop = install_stop_handlers()
     counters = lambda: dict(step=step, epoch=epoch, epoch_step=epoch_step)  # noqa: E731
     finished = bool(cfg.max_steps) and step >= cfg.max_steps
-    skipped_files = 0
+    skipped_files, halt = 0, 0
+    first_epoch, first_batch = epoch, epoch_step              # one loader for the whole run:
+    keys = itertools.chain.from_iterable(                     # its workers outlive the epochs
+        EpochSampler(len(dataset), cfg, e, first_batch if e == first_epoch else 0, rank, world)
+        for e in range(first_epoch, cfg.total_epochs + 1))
+    batches = iter(torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, sampler=keys, num_workers=cfg.num_threads,
+        drop_last=True, pin_memory=device.type == "cuda", generator=torch.Generator()))
     try:
         while epoch <= cfg.total_epochs and not finished:
             lr_now = cfg.lr * lr_multiplier(epoch, cfg)
             for opt in opts.values():
                 for group in opt.param_groups:
                     group["lr"] = group["initial_lr"] * lr_multiplier(epoch, cfg)
-            loader = torch.utils.data.DataLoader(
-                dataset, batch_size=cfg.batch_size, num_workers=cfg.num_threads,
-                sampler=EpochSampler(len(dataset), cfg, epoch, epoch_step),
-                drop_last=True, pin_memory=device.type == "cuda",
-                generator=torch.Generator())                  # keeps the global RNG untouched
-            batches = iter(loader)
-            while True:
-                wait, failure = time.perf_counter(), None
-                try:
-                    real_a, real_b, notes = next(batches)
-                except StopIteration:
-                    break
-                except UserError as error:                    # from a worker: a traceback as text
-                    failure = str(error).strip().splitlines()[-1]
-                    failure = failure.partition(": ")[2] if "\n" in str(error).strip() else failure
-                if failure:
-                    raise UserError(failure)
-                meter.data_time += time.perf_counter() - wait
-                for note in filter(None, notes):
-                    print(note, file=sys.stderr)
-                    skipped_files += note.count("\n") + 1
-                losses = step_fn(nets, opts, real_a.to(device, non_blocking=True),
-                                 real_b.to(device, non_blocking=True), cfg)
-                meter.add(losses)
-                step, epoch_step = step + 1, epoch_step + 1
-                finished = bool(cfg.max_steps) and step >= cfg.max_steps
-                saving = step % cfg.save_latest_freq == 0 or epoch_step == steps_per_epoch
-                log_now = step % cfg.print_freq == 0 or finished or saving or stop["signal"]
-                if log_now or (tty and time.perf_counter() - last_print > 1.0):
-                    last_print = time.perf_counter()
-                    report(meter, log if log_now else None, cfg, step, epoch, epoch_step,
-                           steps_per_epoch, total_steps, lr_now, device, tty, log_now)
-                if step % cfg.display_freq == 0:
-                    save_samples(nets, samples, cfg, device, run_dir / "samples" / f"step_{step:07d}.png")
-                if step % cfg.save_latest_freq == 0:
-                    save_checkpoint(latest, nets, cfg, opts, counters())
-                if finished or stop["signal"]:
-                    break
-            if epoch_step == steps_per_epoch:                 # the epoch ran to its end
-                if epoch % cfg.save_epoch_freq == 0:
+            wait, failure = time.perf_counter(), None
+            try:
+                real_a, real_b, notes = next(batches)
+            except StopIteration:
+                break
+            except UserError as error:                        # from a worker: a traceback as text
+                failure = str(error).strip().splitlines()[-1]
+                failure = failure.partition(": ")[2] if "\n" in str(error).strip() else failure
+            if failure:
+                raise UserError(failure)
+            meter.data_time += time.perf_counter() - wait
+            for note in filter(None, notes):
+                print(note, file=sys.stderr)
+                skipped_files += note.count("\n") + 1
+            with amp:
+                losses = step_fn(nets, opts, real_a.to(device, non_blocking=True, memory_format=layout),
+                                 real_b.to(device, non_blocking=True, memory_format=layout), cfg)
+            meter.add(losses)
+            step, epoch_step = step + 1, epoch_step + 1
+            finished = bool(cfg.max_steps) and step >= cfg.max_steps
+            if world == 1:
+                halt = stop["signal"]
+            elif step % cfg.print_freq == 0:                  # every process stops at one step
+                flag = torch.tensor([stop["signal"]], device=device)
+                dist.all_reduce(flag, dist.ReduceOp.MAX)
+                halt = int(flag)
+            epoch_done = epoch_step == steps_per_epoch
+            log_now = (step % cfg.print_freq == 0 or finished or epoch_done or halt
+                       or step % cfg.save_latest_freq == 0)
+            if master and (log_now or (tty and time.perf_counter() - last_print > 1.0)):
+                last_print = time.perf_counter()
+                report(meter, log if log_now else None, cfg, step, epoch, epoch_step,
+                       steps_per_epoch, total_steps, lr_now, device, tty, log_now)
+            if master and step % cfg.display_freq == 0:
+                save_samples(nets, samples, cfg, device, run_dir / "samples" / f"step_{step:07d}.png")
+            if epoch_done:
+                if master and epoch % cfg.save_epoch_freq == 0:
                     save_checkpoint(run_dir / f"ckpt_epoch_{epoch:03d}.pt", nets, cfg)
                     save_samples(nets, samples, cfg, device, run_dir / "samples" / f"epoch_{epoch:03d}.png")
                 epoch, epoch_step = epoch + 1, 0
-            if stop["signal"]:
+            if master and step % cfg.save_latest_freq == 0:
+                save_checkpoint(latest, nets, cfg, opts, counters())
+            if finished or halt:
                 break
     finally:
-        log.close()
+        if log is not None:
+            log.close()
         stop["restore"]()
         if tty:
             print()
+    if not master:
+        return 128 + halt if halt else 0
     save_checkpoint(latest, nets, cfg, opts, counters())
     save_samples(nets, samples, cfg, device, run_dir / "samples" / "latest.png")
     resume_cmd = shlex.join(["python", "dcl.py", "train", "--name", cfg.name, "--checkpoints_dir",
                              cfg.checkpoints_dir, "--continue_train"])
-    if stop["signal"]:
-        print(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved. Resume with:\n  {resume_cmd}")
-        return 128 + stop["signal"]
+    if halt:
+        print(f"stopped by signal {halt} at step {step}; checkpoint saved. Resume with:\n  {resume_cmd}")
+        return 128 + halt
     more = "--max_steps M (or 0 for every epoch)" if cfg.max_steps else "--n_epochs N"
     if skipped_files:
         print(f"skipped {skipped_files} reads of unreadable images (see the warnings above)")
