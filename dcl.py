@@ -582,8 +582,7 @@ class ProjectionHead(nn.Module):
         for index, feat in enumerate(feats):
             flat = feat.permute(0, 2, 3, 1).flatten(1, 2)     # n×(H·W)×C, row-major positions
             if patch_ids is None:
-                ids = torch.randperm(flat.shape[1])[:min(num_patches, flat.shape[1])]
-                ids = ids.to(feat.device)
+                ids = torch.randperm(flat.shape[1], device=feat.device)[:num_patches]  # no host copy
             else:
                 ids = patch_ids[index]
             picked = flat[:, ids, :].flatten(0, 1)            # (n·S_l)×C
