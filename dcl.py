@@ -137,6 +137,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import vgg16
 from torchvision.utils import save_image
 
@@ -216,16 +217,13 @@ class TrainConfig:
     # method
     mode: str = _opt("cut", "method preset", choices=tuple(MODES))
     # data
-    dataroot: str = _opt("", "folder holding trainA/ and trainB/ (testA/, testB/ "
-                         "optional); empty = the bundled data/ set, demo settings")
-    direction: str = _opt("AtoB", "AtoB translates trainA->trainB; BtoA swaps them",
-                          choices=("AtoB", "BtoA"))
+    dataroot: str = _opt("", "folder with trainA/, trainB/ (and testA/, testB/); empty = bundled demo")
+    direction: str = _opt("AtoB", "BtoA swaps the domains", choices=("AtoB", "BtoA"))
     load_size: int = _opt(286, "training images are resized to this square first")
     crop_size: int = _opt(256, "then randomly cropped to this square (a multiple of 4)")
     no_flip: bool = _opt(False, "no random horizontal flip of training images")
     serial_batches: bool = _opt(False, "no shuffling; B paired to A by index, not at random")
-    crop_in_decay: bool = _opt(False, "keep random crops during the LR-decay epochs "
-                               "(the official code resizes straight to crop_size then)")
+    crop_in_decay: bool = _opt(False, "keep random crops in the LR-decay epochs (official: no crop)")
     max_dataset_size: int = _opt(0, "use at most this many images per domain (0 = all)")
     num_threads: int = _opt(4, "data-loading worker processes (0 = load in the main process)")
     # model
@@ -233,8 +231,7 @@ class TrainConfig:
     ndf: int = _opt(64, "discriminator width")
     no_antialias: bool = _opt(False, "strided convs instead of blur + subsample in G and D")
     no_antialias_up: bool = _opt(False, "transposed convs instead of upsample + blur in G")
-    init_type: str = _opt("xavier", "weight init, both with gain/std 0.02",
-                          choices=("xavier", "normal"))
+    init_type: str = _opt("xavier", "weight init, gain/std 0.02", choices=("xavier", "normal"))
     netF_nc: int = _opt(256, "E: width of the projection head H")
     nce_layers: str = _opt("0,4,8,12,16", "indices of G.model tapped for PatchNCE, ascending")
     num_patches: int = _opt(256, "S: patches sampled per layer and image")
@@ -244,26 +241,20 @@ class TrainConfig:
     lambda_NCE: float = _opt(1.0, "weight of the PatchNCE loss")
     nce_idt: bool = _opt(True, "also apply PatchNCE to y -> G(y) (identity)")
     nce_T: float = _opt(0.07, "tau: the PatchNCE temperature")
-    nce_includes_all_negatives_from_minibatch: bool = _opt(
-        False, "PatchNCE negatives from every image of the batch, not only the same one")
-    lambda_IDT: float = _opt(0.0, "weight of the L1 identity loss |G(y) − y| (CycleGAN: "
-                             "× lambda_A/lambda_B, as upstream's --lambda_identity)")
+    nce_includes_all_negatives_from_minibatch: bool = _opt(False, "negatives from the whole batch")
+    lambda_IDT: float = _opt(0.0, "weight of the L1 identity loss |G(y) − y| (CycleGAN: × lambda_A/B)")
     lambda_SIM: float = _opt(0.0, "SimDCL: weight of the similarity loss")
     lambda_A: float = _opt(10.0, "CycleGAN: weight of the cycle loss |G_ba(G_ab(a)) − a|")
     lambda_B: float = _opt(10.0, "CycleGAN: weight of the cycle loss |G_ab(G_ba(b)) − b|")
     pool_size: int = _opt(0, "CycleGAN: D sees fakes from a pool of this many earlier ones")
     lambda_MS_neg: float = _opt(0.0, "NEGCUT: weight of the diversity term of the negative generator")
     # extensions (off in every preset, so the official modes are unchanged)
-    lambda_perc: float = _opt(0.0, "weight of the VGG16 perceptual loss between outputs and "
-                              "their targets (identity images, cycle reconstructions)")
-    lambda_perc_content: float = _opt(0.0, "weight of a VGG16 content loss between G(x) and "
-                                      "x at relu4_3 only")
+    lambda_perc: float = _opt(0.0, "weight of the VGG16 perceptual loss (identity, cycle targets)")
+    lambda_perc_content: float = _opt(0.0, "weight of a VGG16 relu4_3 content loss, G(x) vs x")
     vgg_weights: str = _opt("", "VGG16 ImageNet weights (vgg16-397923af.pth); default: "
                             "torchvision's cache; 'random' = random weights, for tests only")
-    nce_hard_beta: float = _opt(0.0, "weight hard PatchNCE negatives by exp(beta·similarity) "
-                                "(0 = the official loss)")
-    flip_equivariance: bool = _opt(False, "FastCUT's flip equivariance: flip the input "
-                                   "at random and flip G's features back")
+    nce_hard_beta: float = _opt(0.0, "weight negatives by exp(beta·similarity) (0 = official)")
+    flip_equivariance: bool = _opt(False, "FastCUT: flip inputs at random, G's features back")
     # optimisation
     n_epochs: int = _opt(200, "epochs at the initial learning rate")
     n_epochs_decay: int = _opt(200, "epochs of linear decay after those")
@@ -274,8 +265,7 @@ class TrainConfig:
     beta1_H: float = _opt(-1.0, "Adam beta1 of the heads (−1 = --beta1)")
     batch_size: int = _opt(1, "images per domain per step (the papers use 1)")
     # run
-    name: str = _opt("", "run name; the run folder is checkpoints_dir/name "
-                     "(default: <mode>_<dataset folder>)")
+    name: str = _opt("", "run folder checkpoints_dir/name (default: <mode>_<dataset folder>)")
     checkpoints_dir: str = _opt("./checkpoints", "where run folders are made")
     continue_train: bool = _opt(False, "continue the run `name` from its latest checkpoint",
                                 aliases=("--resume",))
@@ -283,8 +273,7 @@ class TrainConfig:
     seed: int = _opt(0, "seeds torch, numpy, python and every data-augmentation draw")
     device: str = _opt("auto", "auto (CUDA if available), cpu, cuda or cuda:N")
     deterministic: bool = _opt(False, "deterministic cuDNN and torch algorithms")
-    fast: str = _opt("auto", "bf16 autocast, channels_last and fused Adam (auto: on CUDA "
-                     "only); off = the exact fp32 path", choices=("auto", "on", "off"))
+    fast: str = _opt("auto", "bf16, channels_last, fused Adam (auto: on CUDA)", choices=("auto", "on", "off"))
     compile: bool = _opt(False, "torch.compile G and D (minutes of start-up; pays on long runs)")
     print_freq: int = _opt(100, "steps between loss-log rows and progress lines")
     display_freq: int = _opt(2500, "steps between sample grids")
@@ -385,12 +374,14 @@ class Upsample(nn.Module):
         a = torch.tensor([1.0, 3.0, 3.0, 1.0])
         kernel = a[:, None] * a[None, :]
         self.register_buffer("filt", (4 * kernel / kernel.sum()).repeat(channels, 1, 1, 1))
-        self.pad = nn.ReplicationPad2d(1)
 
     def forward(self, x):
-        # Padding 1 then a transposed conv with padding 2 gives 2H+2 rows; the
-        # official code drops the first and the last row and column.
-        y = F.conv_transpose2d(self.pad(x), self.filt, stride=2, padding=2, groups=x.shape[1])
+        # Replicate-pad by 1 (official: ReplicationPad2d, whose backward torch.compile
+        # mis-strides in torch 2.14), then a transposed conv with padding 2 gives
+        # 2H+2 rows; the official code drops the first and the last row and column.
+        x = torch.cat([x[:, :, :1], x, x[:, :, -1:]], 2)
+        x = torch.cat([x[..., :1], x, x[..., -1:]], 3)
+        y = F.conv_transpose2d(x, self.filt, stride=2, padding=2, groups=x.shape[1])
         return y[:, :, 1:-1, 1:-1]
 
 
@@ -721,14 +712,11 @@ def patch_nce_loss(feat_q: torch.Tensor, feat_k: torch.Tensor, n_images: int,
     The caller takes the mean over patches, then over layers (the paper writes
     sums; every λ in the code refers to the means).
 
-    Why the keys are detached: the official code does it (the paper is silent;
-    the maintainer calls it MoCo-like): the input's encoding is the fixed
-    target, the gradient enters only through the queries, i.e. through G(x).
-    Why −10 on the diagonal: the diagonal of q·kᵀ repeats the positive; the
-    code masks it with −10 before dividing by τ, which leaves exp(−142.9) = 0
-    in fp32 (the README's −inf, same value). Why same-image negatives: other
-    patches of one image share its style, so the only way to tell the positive
-    apart is content, which is exactly what the translation must keep.
+    Why detached keys (official code; the paper is silent): the input's encoding
+    is the fixed target, the gradient enters only through the queries, i.e. G(x).
+    Why −10 on the diagonal: it repeats the positive; −10/τ leaves exp(−142.9) = 0
+    in fp32 (the README's −inf). Why same-image negatives: they share the image's
+    style, so only content tells the positive apart, and content must be kept.
 
     n_images = 1 views the whole batch as one pool of n·S patches: the
     negatives of every query are then the patches of all images (DCLGAN's
@@ -743,11 +731,10 @@ def patch_nce_loss(feat_q: torch.Tensor, feat_k: torch.Tensor, n_images: int,
     the informative ones, so each is importance-weighted, with s_j = q_i·k_j:
         w_j = exp(β·s_j) / ((1/N)·Σ_m exp(β·s_m))     (detached; mean_j w_j = 1)
         ℓ_i = −log( exp(s⁺/τ) / ( exp(s⁺/τ) + Σ_j w_j·exp(s_j/τ) ) )
-    i.e. log w_j is added to negative j's logit. The sums run over the N real
-    negatives; the masked diagonal keeps its unweighted exp(−10/τ) in the
-    denominator, as in the official loss (0 in fp32 at τ = 0.07). β = 0 gives w = 1, the official
-    loss, bit for bit (the branch is skipped); β → ∞ puts all the weight N on
-    the hardest negative: ℓ → −log(e^(s⁺/τ) / (e^(s⁺/τ) + N·e^(s_max/τ))).
+    i.e. log w_j is added to negative j's logit, over the N real negatives (the
+    masked diagonal keeps its unweighted exp(−10/τ)). β = 0 is the official loss
+    bit for bit (the branch is skipped); β → ∞ puts all the weight N on the
+    hardest negative: ℓ → −log(e^(s⁺/τ) / (e^(s⁺/τ) + N·e^(s_max/τ))).
 
     negatives ((n·256)×E, NEGCUT): each image's queries are compared with its
     own 256 generated negatives instead of the other keys, so l_neg = q·Nᵀ per
@@ -758,20 +745,16 @@ def patch_nce_loss(feat_q: torch.Tensor, feat_k: torch.Tensor, n_images: int,
     dtype = torch.promote_types(feat_q.dtype, torch.float32)  # logits in fp32 at least: 1/τ ≈ 14
     feat_k, feat_q = feat_k.detach().to(dtype), feat_q.to(dtype)  # amplifies rounding errors
     l_pos = (feat_q * feat_k).sum(dim=1, keepdim=True)        # (n·S)×1
-    if negatives is not None:
-        q = feat_q.view(n_images, -1, feat_q.shape[1])        # n×S×E
-        negs = negatives.to(dtype).view(n_images, -1, negatives.shape[1])  # n×256×E
-        l_neg = torch.bmm(q, negs.transpose(1, 2)).flatten(0, 1)  # (n·S)×256
-        logits = torch.cat([l_pos, l_neg], dim=1) / tau
-        target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-        return F.cross_entropy(logits, target, reduction="none")
     q = feat_q.view(n_images, -1, feat_q.shape[1])            # n×S×E
-    k = feat_k.view(n_images, -1, feat_k.shape[1])            # n×S×E
-    l_neg = torch.bmm(q, k.transpose(1, 2))                   # n×S×S
-    diagonal = torch.eye(q.shape[1], dtype=torch.bool, device=q.device)[None]
-    l_neg = l_neg.masked_fill(diagonal, -10.0).flatten(0, 1)  # (n·S)×S
-    logits = torch.cat([l_pos, l_neg], dim=1) / tau           # (n·S)×(S+1), class 0 is positive
-    if hard_beta:
+    if negatives is None:                                     # the image's other keys: n×S×S
+        l_neg = torch.bmm(q, feat_k.view(n_images, -1, feat_k.shape[1]).transpose(1, 2))
+        diagonal = torch.eye(q.shape[1], dtype=torch.bool, device=q.device)[None]
+        l_neg = l_neg.masked_fill(diagonal, -10.0)
+    else:                                                     # NEGCUT's: n×S×256
+        l_neg = torch.bmm(q, negatives.to(dtype).view(n_images, -1, negatives.shape[1]).transpose(1, 2))
+    l_neg = l_neg.flatten(0, 1)                               # (n·S)×S or (n·S)×256
+    logits = torch.cat([l_pos, l_neg], dim=1) / tau           # class 0 is the positive
+    if hard_beta and negatives is None:
         real = ~diagonal.expand(q.shape[0], -1, -1).flatten(0, 1)  # (n·S)×S, False on the diagonal
         scores = (hard_beta * l_neg.detach()).masked_fill(~real, -math.inf)
         log_w = scores - torch.logsumexp(scores, 1, keepdim=True) + real.sum(1, keepdim=True).log()
@@ -805,7 +788,10 @@ def nce_between(source, output, G_key, H_key, G_query, H_query, cfg: TrainConfig
         feat_q = G_query.encode(output, layer_ids)            # L maps n×C_l×H_l×W_l
         if flip_back:
             feat_q = [f.flip(3) for f in feat_q]
-        feat_k = G_key.encode(source, layer_ids) if feat_k is None else feat_k
+        if feat_k is None:
+            feat_k = G_key.encode(source, layer_ids)
+        elif n_step:                                          # reused: cut from G's graph here
+            feat_k = [f.detach() for f in feat_k]
         keys, patch_ids = H_key(feat_k, cfg.num_patches)      # L × (n·S_l)×E
         queries, _ = H_query(feat_q, cfg.num_patches, patch_ids)
         means = negcut["H_ema"].mean_embedding(feat_k) if negcut else None  # L × n×E
@@ -852,14 +838,10 @@ def similarity_loss(keys_a, queries_a, keys_b, queries_b, heads: dict, n: int) -
             + F.l1_loss(heads["M_fb"](stack(queries_b)), heads["M_rb"](stack(keys_b))))
 
 
-# An optional feature-prediction (perceptual) loss [Johnson, Alahi, Fei-Fei,
-# "Perceptual Losses for Real-Time Style Transfer and Super-Resolution", ECCV
-# 2016, arXiv 1603.08155]: compare images in the feature space of a frozen
-# ImageNet VGG16 instead of pixel by pixel. A pixel L1 cannot tell a slight
-# shift or blur from a real error and is minimised by the blurry average of
-# the plausible answers; VGG features respond to edges, textures and parts at
-# several scales, so matching them keeps structure sharp. No official
-# implementation of these methods has it: it is off in every preset.
+# An optional feature-prediction (perceptual) loss [Johnson, Alahi, Fei-Fei, ECCV
+# 2016, arXiv 1603.08155], off in every preset: compare images in a frozen VGG16's
+# feature space. A pixel L1 is minimised by the blurry average of the plausible
+# answers; VGG features respond to edges, textures and parts, so matching them keeps structure sharp.
 VGG_LAYERS = {"relu1_2": 3, "relu2_2": 8, "relu3_3": 15, "relu4_3": 22}  # torchvision indices
 VGG_WEIGHTS = {"relu1_2": 1 / 16, "relu2_2": 1 / 8, "relu3_3": 1 / 4, "relu4_3": 1.0}
 VGG_FILE = "vgg16-397923af.pth"                           # torchvision's IMAGENET1K_V1 weights
@@ -1149,8 +1131,10 @@ def cut_step(nets: dict, opts: dict, real_a, real_b, cfg: TrainConfig) -> dict:
 
     Plan:
       1. Forward: y = G(x) for x = [real_a; real_b] (the identity pass rides in
-         the same batch: exact, instance norm is per image). FastCUT instead
-         flips x at random (one coin per step) and has no identity pass.
+         the same batch: exact, instance norm is per image); its encoder
+         activations are the keys of step 3. FastCUT instead flips x at random
+         (one coin per step; a flipped pass cannot give the keys) and has no
+         identity pass.
       2. D step:  L_D = 0.5·[lsgan(D(stopgrad(fake_b)), fake) + lsgan(D(real_b), real)].
       3. G+H step, D frozen:
          L_G = λ_GAN·lsgan(D(fake_b), real) + 0.5·[NCE(real_a→fake_b) + NCE(real_b→idt_b)]
@@ -1172,10 +1156,9 @@ def cut_step(nets: dict, opts: dict, real_a, real_b, cfg: TrainConfig) -> dict:
     use_idt = cfg.nce_idt and cfg.lambda_NCE > 0
     x = torch.cat([real_a, real_b]) if use_idt else real_a    # (2n or n)×3×S×S
     flipped = cfg.flip_equivariance and float(torch.rand(())) < 0.5
-    if flipped:                                               # the keys need the unflipped x
-        y, taps = G(x.flip(3)), None
-    else:                                                     # keys: this pass's activations (F9)
-        y, taps = G(x, cfg.layer_ids)
+    if flipped:
+        x = x.flip(3)
+    y, taps = (G(x), None) if flipped else G(x, cfg.layer_ids)  # keys from this pass (F9)
     fake_b, idt_b = y[:n], y[n:]
     keys_a, keys_b = ([t[:n] for t in taps], [t[n:] for t in taps]) if taps else (None, None)
 
@@ -1212,8 +1195,7 @@ def cut_step(nets: dict, opts: dict, real_a, real_b, cfg: TrainConfig) -> dict:
     loss_G.backward()
     opts["G"].step()
     opts["H"].step()
-    losses = dict(D_real=loss_D_real, D_fake=loss_D_fake, G_GAN=loss_G_GAN, NCE=loss_NCE,
-                  G=loss_G)
+    losses = dict(D_real=loss_D_real, D_fake=loss_D_fake, G_GAN=loss_G_GAN, NCE=loss_NCE, G=loss_G)
     if negcut:                                                # 4. H_ema ← H_ema + 0.1·(H − H_ema)
         with torch.no_grad():
             torch._foreach_lerp_(list(nets["H_ema"].parameters()), list(H.parameters()), 0.1)
@@ -1232,8 +1214,7 @@ def translate_both(nets: dict, real_a, real_b, with_identity: bool, taps: tuple 
     n, run = real_a.shape[0], lambda G, x: G(x, taps) if taps else (G(x), [])  # noqa: E731
     out_b, taps_ab = run(nets["G_ab"], torch.cat([real_a, real_b]) if with_identity else real_a)
     out_a, taps_ba = run(nets["G_ba"], torch.cat([real_b, real_a]) if with_identity else real_b)
-    return (out_b[:n], out_a[:n], out_b[n:], out_a[n:],
-            [t[:n] for t in taps_ab], [t[:n] for t in taps_ba])
+    return out_b[:n], out_a[:n], out_b[n:], out_a[n:], [t[:n] for t in taps_ab], [t[:n] for t in taps_ba]
 
 
 def dual_step(nets: dict, opts: dict, real_a, real_b, cfg: TrainConfig) -> dict:
@@ -1278,8 +1259,7 @@ def dual_step(nets: dict, opts: dict, real_a, real_b, cfg: TrainConfig) -> dict:
     if similar:                                               # fresh patch ids for the fakes (Q27)
         queries_b, _ = H_b(one["feat_q"], cfg.num_patches)
         queries_a, _ = H_a(two["feat_q"], cfg.num_patches)
-        loss_sim = cfg.lambda_SIM * similarity_loss(one["keys"], queries_a, two["keys"], queries_b,
-                                                    nets, n)
+        loss_sim = cfg.lambda_SIM * similarity_loss(one["keys"], queries_a, two["keys"], queries_b, nets, n)
     loss_idt_A = cfg.lambda_IDT * F.l1_loss(idt_b, real_b) if use_idt else zero
     loss_idt_B = cfg.lambda_IDT * F.l1_loss(idt_a, real_a) if use_idt else zero
     loss_G = (0.5 * (loss_G_A + loss_G_B) + 0.5 * (nce1 + nce2)
@@ -1314,7 +1294,6 @@ def cyclegan_step(nets: dict, opts: dict, real_a, real_b, cfg: TrainConfig) -> d
              + λ_IDT·λ_B·mean|idt_b − real_b| + λ_IDT·λ_A·mean|idt_a − real_a| (identity)
       3. D step on fakes drawn from the image pools (pool_size 50).
     Returns the losses under the official log names."""
-    n = real_a.shape[0]
     use_idt = cfg.lambda_IDT > 0
     fake_b, fake_a, idt_b, idt_a, _, _ = translate_both(nets, real_a, real_b, use_idt)
     rec_a, rec_b = nets["G_ba"](fake_b), nets["G_ab"](fake_a)   # n×3×S×S each
@@ -1483,11 +1462,9 @@ def load_state(net: nn.Module, state: dict, what: str) -> None:
 
 
 def format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    days, hours, minutes = seconds // 86400, seconds // 3600 % 24, seconds // 60 % 60
-    if days:
-        return f"{days}d{hours:02d}h"
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds % 60:02d}s"
+    s = int(seconds)
+    days, hours, minutes = s // 86400, s // 3600 % 24, s // 60 % 60
+    return f"{days}d{hours:02d}h" if days else f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{s % 60:02d}s"
 
 
 class Meter:
@@ -1518,8 +1495,7 @@ def fixed_samples(cfg: TrainConfig, dataset: UnpairedDataset, count: int = 4) ->
     images the dataset already listed), resized without crop or flip, as
     translate would see them."""
     batches = []
-    for test_folder, train_files in zip(domain_folders(cfg, "test"),
-                                        (dataset.files_a, dataset.files_b)):
+    for test_folder, train_files in zip(domain_folders(cfg, "test"), (dataset.files_a, dataset.files_b)):
         files = find_images(test_folder) if test_folder.is_dir() else []
         files = (files or train_files)[:count]
         images = [load_rgb(p).resize((cfg.crop_size,) * 2, Image.Resampling.BICUBIC) for p in files]
@@ -1567,12 +1543,10 @@ def setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:
 
 
 def average_gradients(opt: torch.optim.Optimizer, args=(), kwargs=None) -> None:
-    """Run before every optimiser step under torchrun: each gradient becomes its
-    mean over the processes, one flat all-reduce per optimiser. That is DDP's
-    arithmetic without its wrapper, whose rule of one forward call per network
-    per backward the GAN steps break (a frozen D in the G step, encoder passes
-    outside forward); StyleGAN2-ADA's training loop does the same. Every
-    process runs the same code path, so the same parameters have gradients."""
+    """Before every optimiser step under torchrun: each gradient becomes its mean
+    over the processes (one flat all-reduce). DDP's arithmetic without its wrapper,
+    whose one-forward-per-backward rule the GAN steps break (a frozen D in the G
+    step, encoder passes outside forward); StyleGAN2-ADA does the same."""
     grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
     if grads:
         flat = torch.cat([g.flatten() for g in grads]).div_(dist.get_world_size())
@@ -1583,14 +1557,6 @@ def average_gradients(opt: torch.optim.Optimizer, args=(), kwargs=None) -> None:
 
 def train(cfg: TrainConfig, source: dict, argv: list) -> int:
     rank, world, device = setup_distributed(pick_device(cfg.device))
-    try:
-        return train_loop(cfg, source, argv, rank, world, device)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
-
-
-def train_loop(cfg, source, argv, rank, world, device) -> int:
     master = rank == 0                                        # only it prints and writes files
     run_dir = Path(cfg.checkpoints_dir) / cfg.name
     latest = run_dir / "ckpt_latest.pt"
@@ -1630,17 +1596,14 @@ def train_loop(cfg, source, argv, rank, world, device) -> int:
         for opt in opts.values():
             opt.register_step_pre_hook(average_gradients)
     if master:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "samples").mkdir(exist_ok=True)
+        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
         write_run_info(run_dir, cfg, device, argv)
     say = print if master else lambda *args, **kw: None
 
     say(describe_config(cfg, source))
     say("networks: " + ", ".join(f"{k} {count_parameters(v) / 1e6:.3f}M" for k, v in nets.items()
                                  if count_parameters(v)))
-    total_steps = cfg.total_epochs * steps_per_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
+    total_steps = min(cfg.total_epochs * steps_per_epoch, cfg.max_steps or math.inf)
     batch = (f"batch {cfg.batch_size}" if world == 1 else f"batch {cfg.batch_size} per process × "
              f"{world} processes = {cfg.batch_size * world} (the papers used 1; lr not scaled)")
     say(f"data: {len(dataset.files_a)} A, {len(dataset.files_b)} B images, {steps_per_epoch} "
@@ -1679,16 +1642,14 @@ def train_loop(cfg, source, argv, rank, world, device) -> int:
             for opt in opts.values():
                 for group in opt.param_groups:
                     group["lr"] = group["initial_lr"] * lr_multiplier(epoch, cfg)
-            wait, failure = time.perf_counter(), None
+            wait = time.perf_counter()
             try:
                 real_a, real_b, notes = next(batches)
             except StopIteration:
                 break
             except UserError as error:                        # from a worker: a traceback as text
-                failure = str(error).strip().splitlines()[-1]
-                failure = failure.partition(": ")[2] if "\n" in str(error).strip() else failure
-            if failure:
-                raise UserError(failure)
+                text = str(error).strip()
+                raise UserError(text.splitlines()[-1].partition(": ")[2] if "\n" in text else text) from None
             meter.data_time += time.perf_counter() - wait
             for note in filter(None, notes):
                 print(note, file=sys.stderr)
@@ -1861,7 +1822,7 @@ def translate(args) -> int:
     clashes = {t for t, c in Counter(targets).items() if c > 1}  # x.jpg and x.png: keep both
     targets = [output / (r.with_name(r.name + ".png") if t in clashes else t)
                for r, t in zip(relative, targets)]
-    written = 0
+    written, start = 0, time.perf_counter()
     for path, target in zip(files, targets):
         img = load_rgb(path)
         if args.resize:                                       # official test protocol: square bicubic
@@ -1888,12 +1849,79 @@ def translate(args) -> int:
         except OSError as error:
             raise UserError(f"cannot write {target}: {error.strerror or error}") from None
         written += 1
-    print(f"translated {written} image{'s' * (written != 1)} into {output}")
+    print(f"translated {written} image{'s' * (written != 1)} into {output} "
+          f"({written / (time.perf_counter() - start):.2f} images/s, reading and writing included)")
     return 0
 
 
 # -----------------------------------------------------------------------------
-# 11. Command line [plumbing]
+# 11. Bench [plumbing]
+# -----------------------------------------------------------------------------
+# Times the real training step (the functions in STEPS, under the same
+# autocast as train) on random batches: no data loading, warm-up steps first
+# (cuDNN autotuning, compilation), then timed steps between synchronisations.
+# FLOPs are counted by torch.utils.flop_counter on the first step; the device's
+# own bf16 matmul rate, measured in the same run, is the ceiling to compare with.
+
+def matmul_tflops(device: torch.device, sync) -> tuple[float, str]:
+    """Measured matrix-multiply rate (n×n @ n×n is 2n³ operations): bf16 on a GPU,
+    the ceiling of --fast; fp32 on a CPU, which has no fast bf16 kernels."""
+    size, reps, dtype = (8192, 20, torch.bfloat16) if device.type == "cuda" else (1024, 5, torch.float32)
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    a @ b, sync()
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * size ** 3 * reps / (time.perf_counter() - start) / 1e12, str(dtype).split(".")[1]
+
+
+def bench(flags: dict, modes: list, steps: int, warmup: int) -> int:
+    device = pick_device(flags.get("device", "auto"))
+    cuda = device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    torch.backends.cudnn.benchmark = True
+    ceiling, dtype = matmul_tflops(device, sync)
+    for mode in modes:
+        cfg, _ = resolve_config({"dataroot": "(random batches)", "load_size": flags.get(
+            "crop_size", 256), **flags, "mode": mode})
+        seed_everything(cfg.seed)
+        fast = fast_path(cfg, device)
+        nets = build_networks(cfg, device)
+        opts = build_optimizers(nets, cfg, fused=fast)
+        real_a, real_b = (torch.rand(cfg.batch_size, 3, cfg.crop_size, cfg.crop_size, device=device)
+                          .mul(2).sub(1).contiguous(memory_format=torch.channels_last if fast
+                                                    else torch.contiguous_format) for _ in "ab")
+        run = lambda: STEPS[mode](nets, opts, real_a, real_b, cfg)  # noqa: E731
+        with torch.autocast(device.type, torch.bfloat16, enabled=fast):
+            with FlopCounterMode(display=False) as flops:
+                run()
+            for _ in range(warmup):
+                run()
+            sync()
+            torch.cuda.reset_peak_memory_stats(device) if cuda else None
+            start = time.perf_counter()
+            for _ in range(steps):
+                losses = run()
+            sync()
+        seconds, tflop = (time.perf_counter() - start) / steps, flops.get_total_flops() / 1e12
+        if not all(math.isfinite(float(v)) for v in losses.values()):
+            raise UserError(f"bench {mode}: a loss is not finite")
+        row = dict(mode=mode, device=torch.cuda.get_device_name(device) if cuda else "cpu",
+                   torch=torch.__version__, batch_size=cfg.batch_size, crop_size=cfg.crop_size,
+                   fast=fast, compile=cfg.compile, s_per_iter=round(seconds, 5),
+                   images_per_s=round(cfg.batch_size / seconds, 2), tflop_per_iter=round(tflop, 4),
+                   tflops=round(tflop / seconds, 3), matmul_tflops=round(ceiling, 3), matmul_dtype=dtype,
+                   peak_memory_gb=round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if cuda else None)
+        print(f"{mode:<10} {seconds:.4f} s/iter {row['images_per_s']:8.2f} images/s  {tflop:.4g} TFLOP/iter "
+              f"{tflop / seconds:.4g} TFLOP/s = {tflop / seconds / ceiling:.0%} of {dtype} matmul",
+              file=sys.stderr)
+        print(json.dumps(row), flush=True)
+    return 0
+
+
+# -----------------------------------------------------------------------------
+# 12. Command line [plumbing]
 # -----------------------------------------------------------------------------
 
 class Parser(argparse.ArgumentParser):
@@ -1913,14 +1941,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="dcl.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     train_parser = commands.add_parser("train", help="train a model (see --mode)")
-    for f in fields(TrainConfig):                             # one flag per config field, official names
+    bench_parser = commands.add_parser("bench", help="time the training step of one mode or all "
+                                       "(random batches; default batch 1 at 256x256)")
+    for f, sub in itertools.product(fields(TrainConfig), (train_parser, bench_parser)):
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f.metadata["help"]
-                  + f" (default {f.default!r})")
+                  + f" (default {f.default!r})")            # one flag per config field, official names
         if isinstance(f.default, bool):                      # --flag, --flag true, --flag false
             kw.update(nargs="?", const=True, type=parse_bool, metavar="BOOL")
         else:
-            kw.update(type=type(f.default), choices=f.metadata.get("choices"))
-        train_parser.add_argument(f"--{f.name}", *f.metadata.get("aliases", ()), **kw)
+            choices = f.metadata.get("choices")
+            kw.update(type=type(f.default), choices=(*choices, "all") if sub is bench_parser
+                      and f.name == "mode" else choices)
+        sub.add_argument(f"--{f.name}", *f.metadata.get("aliases", ()), **kw)
+    bench_parser.add_argument("--steps", type=int, default=20, help="timed steps per mode")
+    bench_parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     tr = commands.add_parser("translate", help="translate an image or a folder with a trained G")
     tr.add_argument("--checkpoint", required=True, help="a dcl.py checkpoint, or an official "
                     "latest_net_G.pth with --mode")
@@ -1945,11 +1979,17 @@ def main(argv: list | None = None) -> int:
         if args.command == "translate":
             return translate(args)
         flags = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+        if args.command == "bench":
+            mode = flags.pop("mode", "cut")
+            return bench(flags, [m for m in MODES if mode in ("all", m)], args.steps, args.warmup)
         cfg, source = resolve_config(flags)
         return train(cfg, source, ["dcl.py"] + argv)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        if dist.is_initialized():                             # joined by a torchrun train
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
