@@ -300,9 +300,9 @@ class TrainConfig:
         if self.crop_size > self.load_size:
             raise UserError(f"--crop_size {self.crop_size} is larger than --load_size "
                             f"{self.load_size}: images are resized to load_size before cropping")
-        if self.crop_size % 4 or self.crop_size < 16:
-            raise UserError(f"--crop_size {self.crop_size}: use a multiple of 4, at least 16 "
-                            "(G halves the size twice and doubles it twice)")
+        if self.crop_size % 4 or self.crop_size < 24:
+            raise UserError(f"--crop_size {self.crop_size}: use a multiple of 4 (G halves the size "
+                            "twice), at least 24 (D's last instance norm needs 2x2 pixels)")
         for flag in ("batch_size", "num_patches", "ngf", "ndf", "netF_nc", "print_freq",
                      "display_freq", "save_latest_freq", "save_epoch_freq"):
             if getattr(self, flag) < 1:
@@ -1051,9 +1051,8 @@ def fast_path(cfg: TrainConfig, device) -> bool:
 
 def build_networks(cfg: TrainConfig, device) -> dict:
     """The mode's networks (NETWORKS), built eagerly and initialised; the head
-    sizes come from the tapped layers' channel counts (Q8). Under --fast the
-    convolutional nets keep their 4-d weights channels_last (NHWC), the layout
-    of the GPU's bf16 convolution kernels, so no layout copies run per layer."""
+    sizes come from the tapped layers' channel counts (Q8). --fast keeps 4-d weights
+    channels_last (NHWC), the layout of the GPU's bf16 convolution kernels."""
     with torch.device("meta"):                                # shapes only: no memory, no RNG
         G = make_generator(cfg)
         channels = G.tap_channels(cfg.layer_ids)
@@ -1440,8 +1439,7 @@ def read_checkpoint(path) -> dict:
 
 
 def stored_config(ckpt: dict, path) -> TrainConfig:
-    """The config a checkpoint was trained with; settings this file does not
-    know mean a newer dcl.py wrote it."""
+    """The config a checkpoint was trained with; unknown settings: a newer dcl.py wrote it."""
     unknown = sorted(set(ckpt["config"]) - {f.name for f in fields(TrainConfig)})
     if unknown or ckpt.get("mode") not in MODES:
         raise UserError(f"{path} was written by a newer dcl.py (unknown: "
@@ -1480,8 +1478,7 @@ class Meter:
         self.count += 1
 
     def read(self, reset: bool = True) -> tuple[dict, float, float]:
-        """(mean losses, steps per second, fraction of time spent waiting for
-        data) since the last reset."""
+        """(mean losses, steps/s, fraction of time waiting for data) since the last reset."""
         elapsed = time.perf_counter() - self.start
         means = {k: float(v) / self.count for k, v in self.sums.items()}
         speed, waiting = self.count / elapsed, self.data_time / elapsed
@@ -1589,6 +1586,9 @@ def train(cfg: TrainConfig, source: dict, argv: list) -> int:
             opt.load_state_dict(resume["optimizers"][name])
         step, epoch, epoch_step = resume["step"], resume["epoch"], resume["epoch_step"]
         set_rng_state(resume["rng"])
+        if epoch_step and resume.get("world", 1) != world:    # the epoch's shards would change
+            raise UserError(f"{latest} stopped mid-epoch with {resume.get('world', 1)} process(es): "
+                            f"continue with as many (this run has {world})")
     if epoch_step == steps_per_epoch:                         # saved just as an epoch ended
         epoch, epoch_step = epoch + 1, 0
     if world > 1:                                             # own patch ids, noise, flips (F19)
@@ -1626,7 +1626,7 @@ def train(cfg: TrainConfig, source: dict, argv: list) -> int:
     log = open(log_path, "a") if master else None
     tty, last_print = sys.stdout.isatty() and master, 0.0
     stop = install_stop_handlers()
-    counters = lambda: dict(step=step, epoch=epoch, epoch_step=epoch_step)  # noqa: E731
+    counters = lambda: dict(step=step, epoch=epoch, epoch_step=epoch_step, world=world)  # noqa: E731
     finished = bool(cfg.max_steps) and step >= cfg.max_steps
     skipped_files, halt = 0, 0
     first_epoch, first_batch = epoch, epoch_step              # one loader for the whole run:
@@ -1722,17 +1722,14 @@ def report(meter, log, cfg, step, epoch, epoch_step, steps_per_epoch, total_step
             f"{speed:.2f} it/s | eta {format_duration((total_steps - step) / speed)} | "
             f"lr {lr_now:.1e} | {losses}" + (f" | data {waiting:.0%}" if waiting > 0.1 else "") + memory)
     if tty:
-        print("\r" + line[:shutil_columns()].ljust(shutil_columns()), end="\n" if log_now else "", flush=True)
+        width = max(40, os.get_terminal_size().columns - 1)
+        print("\r" + line[:width].ljust(width), end="\n" if log_now else "", flush=True)
     elif log_now:
         print(line, flush=True)
     if log is not None:
         log.write(json.dumps(dict(step=step, epoch=epoch, lr=lr_now, **means, it_per_s=speed,
                                   time=time.time())) + "\n")
         log.flush()
-
-
-def shutil_columns() -> int:
-    return max(40, os.get_terminal_size().columns - 1) if sys.stdout.isatty() else 200
 
 
 def install_stop_handlers() -> dict:
@@ -1822,7 +1819,7 @@ def translate(args) -> int:
     clashes = {t for t, c in Counter(targets).items() if c > 1}  # x.jpg and x.png: keep both
     targets = [output / (r.with_name(r.name + ".png") if t in clashes else t)
                for r, t in zip(relative, targets)]
-    written, start = 0, time.perf_counter()
+    start = time.perf_counter()
     for path, target in zip(files, targets):
         img = load_rgb(path)
         if args.resize:                                       # official test protocol: square bicubic
@@ -1848,27 +1845,25 @@ def translate(args) -> int:
             Image.fromarray(to_uint8(y)).save(target)
         except OSError as error:
             raise UserError(f"cannot write {target}: {error.strerror or error}") from None
-        written += 1
-    print(f"translated {written} image{'s' * (written != 1)} into {output} "
-          f"({written / (time.perf_counter() - start):.2f} images/s, reading and writing included)")
+    print(f"translated {len(files)} image{'s' * (len(files) != 1)} into {output} "
+          f"({len(files) / (time.perf_counter() - start):.2f} images/s, reading and writing included)")
     return 0
 
 
 # -----------------------------------------------------------------------------
 # 11. Bench [plumbing]
 # -----------------------------------------------------------------------------
-# Times the real training step (the functions in STEPS, under the same
-# autocast as train) on random batches: no data loading, warm-up steps first
-# (cuDNN autotuning, compilation), then timed steps between synchronisations.
-# FLOPs are counted by torch.utils.flop_counter on the first step; the device's
-# own bf16 matmul rate, measured in the same run, is the ceiling to compare with.
+# Times the real training step (STEPS, under train's autocast) on random batches:
+# no data loading, warm-up steps (cuDNN autotuning, compilation), then timed steps
+# between synchronisations. FLOPs are counted by torch.utils.flop_counter on the
+# first step; the device's matmul rate, measured in the same run, is the ceiling.
 
 def matmul_tflops(device: torch.device, sync) -> tuple[float, str]:
     """Measured matrix-multiply rate (n×n @ n×n is 2n³ operations): bf16 on a GPU,
     the ceiling of --fast; fp32 on a CPU, which has no fast bf16 kernels."""
     size, reps, dtype = (8192, 20, torch.bfloat16) if device.type == "cuda" else (1024, 5, torch.float32)
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
-    a @ b, sync()
+    a @ b, sync()                                             # warm-up
     start = time.perf_counter()
     for _ in range(reps):
         a @ b
@@ -1905,14 +1900,15 @@ def bench(flags: dict, modes: list, steps: int, warmup: int) -> int:
                 losses = run()
             sync()
         seconds, tflop = (time.perf_counter() - start) / steps, flops.get_total_flops() / 1e12
+        sig = lambda x: float(f"{x:.4g}")                     # noqa: E731 - 4 significant digits
         if not all(math.isfinite(float(v)) for v in losses.values()):
             raise UserError(f"bench {mode}: a loss is not finite")
         row = dict(mode=mode, device=torch.cuda.get_device_name(device) if cuda else "cpu",
                    torch=torch.__version__, batch_size=cfg.batch_size, crop_size=cfg.crop_size,
-                   fast=fast, compile=cfg.compile, s_per_iter=round(seconds, 5),
-                   images_per_s=round(cfg.batch_size / seconds, 2), tflop_per_iter=round(tflop, 4),
-                   tflops=round(tflop / seconds, 3), matmul_tflops=round(ceiling, 3), matmul_dtype=dtype,
-                   peak_memory_gb=round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if cuda else None)
+                   fast=fast, compile=cfg.compile, s_per_iter=sig(seconds),
+                   images_per_s=sig(cfg.batch_size / seconds), tflop_per_iter=sig(tflop),
+                   tflops=sig(tflop / seconds), matmul_tflops=sig(ceiling), matmul_dtype=dtype,
+                   peak_memory_gb=sig(torch.cuda.max_memory_allocated(device) / 1e9) if cuda else None)
         print(f"{mode:<10} {seconds:.4f} s/iter {row['images_per_s']:8.2f} images/s  {tflop:.4g} TFLOP/iter "
               f"{tflop / seconds:.4g} TFLOP/s = {tflop / seconds / ceiling:.0%} of {dtype} matmul",
               file=sys.stderr)
@@ -1980,6 +1976,8 @@ def main(argv: list | None = None) -> int:
             return translate(args)
         flags = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
         if args.command == "bench":
+            if args.steps < 1 or args.warmup < 0:
+                raise UserError("bench needs --steps 1 or more and --warmup 0 or more")
             mode = flags.pop("mode", "cut")
             return bench(flags, [m for m in MODES if mode in ("all", m)], args.steps, args.warmup)
         cfg, source = resolve_config(flags)

@@ -10,6 +10,8 @@ fidelity spec.
 """
 import copy
 import dataclasses
+import hashlib
+import inspect
 import json
 import math
 import os
@@ -17,10 +19,12 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 import types
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -1228,6 +1232,15 @@ def bad_input(case, tmp_path, data, runs):
         return translate + ["--input", data / "testA", "--output", data / "testA"], "--output"
     if case == "simdcl_too_few_positions":                  # 32 px: taps 12 and 16 have 8·8 = 64
         return train + ["--dataroot", data, "--mode", "simdcl", "--num_patches", 256], "--num_patches"
+    if case == "crop_too_small":                            # D's last norm would see 1x1 maps
+        return train + ["--dataroot", data, "--load_size", 20, "--crop_size", 20], "at least 24"
+    if case == "bench_no_steps":
+        return ["bench", "--mode", "cut", "--steps", 0], "--steps"
+    if case == "resume_with_other_world":                  # stopped mid-epoch in 2 processes
+        run = shutil.copytree(runs("cut")[1], tmp_path / "ck" / "cut")
+        ckpt = torch.load(run / "ckpt_latest.pt", weights_only=True)
+        torch.save({**ckpt, "world": 2}, run / "ckpt_latest.pt")
+        return train + ["--name", "cut", "--continue_train"], "2 process"
     (tmp_path / "empty").mkdir()
     return translate + ["--input", tmp_path / "empty", "--output", tmp_path / "o"], "empty"
 
@@ -1235,6 +1248,7 @@ def bad_input(case, tmp_path, data, runs):
 @pytest.mark.parametrize("case", ["missing_dataroot", "trainA_missing", "trainB_empty",
                                   "unknown_mode", "crop_larger_than_load", "not_a_checkpoint",
                                   "btoa", "output_is_input", "simdcl_too_few_positions",
+                                  "crop_too_small", "bench_no_steps", "resume_with_other_world",
                                   "empty_input"])
 def test_bad_input_is_one_line_and_exit_2(case, tmp_path, data, runs, capsys):
     """§11: every mistake in the command, data or files exits with status 2 and
@@ -1242,7 +1256,9 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path, data, runs, capsys):
     Run in-process through dcl.main (the same code path as the command line;
     all of these fail before training starts) to keep the suite fast.
     SimDCL stacks S patches of every tapped layer; at 32 px the taps 12 and 16
-    have 8·8 = 64 positions, so S = 256 is refused before any run folder exists."""
+    have 8·8 = 64 positions, so S = 256 is refused before any run folder exists.
+    A run stopped mid-epoch in 2 processes resumes only in 2: the shards of the
+    rest of its epoch depend on the process count."""
     argv, needle = bad_input(case, tmp_path, data, runs)
     code, _, err = main_in_process(capsys, *argv)
     assert code == 2 and err.startswith("error:") and err.count("\n") == 1, err
@@ -2156,12 +2172,12 @@ def test_nan_loss_stops_before_any_checkpoint_of_it(nan_step, data, tmp_path, ca
 def test_checkpoint_contents_load_weights_only(mode, runs):
     """§9: every mode's ckpt_latest.pt loads with torch.load(weights_only=True) (tensors
     and plain values only) and holds exactly format, version, mode, config, nets,
-    optimizers, step, epoch, epoch_step and rng: after `--max_steps 2` on 4 items,
+    optimizers, step, epoch, epoch_step, world (processes) and rng: after `--max_steps 2` on 4 items,
     step 2 of epoch 1; nets are the mode's NETWORKS, the optimisers its families,
     the config a complete TrainConfig, the RNG states torch, python and numpy."""
     ckpt = torch.load(runs(mode)[1] / "ckpt_latest.pt", weights_only=True)
     assert set(ckpt) == {"format", "version", "mode", "config", "nets", "optimizers", "step", "epoch",
-                         "epoch_step", "rng"}
+                         "epoch_step", "world", "rng"}
     assert (ckpt["format"], ckpt["version"], ckpt["mode"], ckpt["step"], ckpt["epoch"], ckpt["epoch_step"]) \
         == ("dcl.py checkpoint", 1, mode, 2, 1, 2)
     assert set(ckpt["nets"]) == set(dcl.NETWORKS[mode])
@@ -2264,6 +2280,361 @@ def test_printed_resume_command_survives_spaces(data, tmp_path, capsys):
     argv = shlex.split(out.strip().splitlines()[-1].partition("To train longer: ")[2])
     assert argv[argv.index("--name") + 1] == "first try"
     assert argv[argv.index("--checkpoints_dir") + 1] == str(tmp_path / "my runs")
+
+
+# -----------------------------------------------------------------------------
+# speed, bench and multi-process training (issue 6; §3, §7-§9, §11)
+# -----------------------------------------------------------------------------
+
+def torchrun(*args, cwd=REPO, timeout=180):
+    """torchrun --standalone --nproc_per_node 2 ARGS (as python -m, the same entry
+    point; --standalone rendezvouses on a free local port); gloo on the CPU."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", *map(str, args)], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("mode", ["cut", "negcut", "simdcl", "cyclegan"])
+def test_fast_path_matches_the_exact_step(mode):
+    """§8 (F18): one step with --fast on (bf16 autocast around the step, channels_last
+    inputs, fused Adam), called as train() and bench() call it, gives every loss of
+    the --fast off step from the same weights, images and RNG state within 2e-2
+    relative: fp32 losses (bf16 rounding only: the fast step differs somewhere, so
+    bf16 did run). D_fake = mean(D(fake)²) is ~1e-8 at init (D's last conv has
+    weights of std 0.02), so it gets an absolute floor of 1e-3 instead. Under
+    --fast every 4-d weight is channels_last, also after Adam's step (under --fast
+    off none is), and every optimiser is fused."""
+    results = {}
+    for fast in ("off", "on"):
+        cfg = tiny_cfg(mode=mode, fast=fast)
+        on = dcl.fast_path(cfg, "cpu")
+        torch.manual_seed(0)
+        nets = dcl.build_networks(cfg, "cpu")
+        opts = dcl.build_optimizers(nets, cfg, fused=on)
+        layout = torch.channels_last if on else torch.contiguous_format
+        real_a, real_b = (torch.rand(1, 3, 32, 32).mul(2).sub(1).contiguous(memory_format=layout)
+                          for _ in "ab")
+        torch.manual_seed(1)
+        with torch.autocast("cpu", torch.bfloat16, enabled=on):
+            results[fast] = dcl.STEPS[mode](nets, opts, real_a, real_b, cfg)
+        nhwc = [p.is_contiguous(memory_format=torch.channels_last)
+                for net in nets.values() for p in net.parameters() if p.dim() == 4]
+        assert all(nhwc) if on else not any(nhwc)
+        assert all(bool(opt.param_groups[0]["fused"]) == on for opt in opts.values()), fast
+    exact, fast = results["off"], results["on"]
+    assert set(exact) == set(fast) == LOSS_NAMES[mode]
+    assert all(v.dtype == torch.float32 for v in fast.values())
+    for name in exact:
+        assert fast[name].item() == pytest.approx(exact[name].item(), rel=2e-2, abs=1e-3), name
+    assert any(fast[name].item() != exact[name].item() for name in exact)
+
+
+def test_fast_path_auto_on_and_off():
+    """§8: --fast auto is on for a CUDA device only (read off the device type, so
+    no GPU is needed to ask), on and off override it on either device."""
+    devices = ("cpu", "cuda", torch.device("cuda", 0))
+    table = {fast: [dcl.fast_path(tiny_cfg(fast=fast), d) for d in devices] for fast in ("auto", "on", "off")}
+    assert table == {"auto": [False, True, True], "on": [True] * 3, "off": [False] * 3}
+
+
+def test_generator_taps_are_the_encoder_activations():
+    """§3 (F9): G(cat([a, b]), ids) returns G(cat([a, b])) and the activations after
+    the listed layers; their first n rows are G.encode(a, ids), the rest
+    G.encode(b, ids). Not always bit for bit on the CPU: a conv over 3 images may
+    block its sums differently from one over 1, and instance norm then divides
+    the pre-norm activations (std ~1e-3 at init) by their std, so by tap 16 the
+    difference grows to ~1.5e-6 of the map's largest value; allowed: 1e-5 of it."""
+    torch.manual_seed(0)
+    G, ids = dcl.build_networks(tiny_cfg(), "cpu")["G"], (0, 4, 8, 12, 16)
+    a, b = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        y, taps = G(torch.cat([a, b]), ids)
+        assert torch.equal(y, G(torch.cat([a, b]))) and len(taps) == len(ids)
+        expected = [torch.cat(pair) for pair in zip(G.encode(a, ids), G.encode(b, ids))]
+    for tap, want in zip(taps, expected):
+        assert tap.shape == want.shape
+        assert torch.allclose(tap, want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
+def step_with_keys(mode, keys):
+    """One `mode` step (seed 0, batches of 2) with each nce_between call's feat_k
+    replaced by keys(feat_k): (losses, every net's gradients at G's Adam step,
+    calls of G.encode and of nce_between)."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(mode=mode)
+    nets = dcl.build_networks(cfg, "cpu")
+    opts = dcl.build_optimizers(nets, cfg)
+    seen, calls, nce, encode = {}, {"encode": 0, "nce": 0}, dcl.nce_between, dcl.Generator.encode
+    signature = inspect.signature(nce)
+
+    def patched_nce(*args, **kwargs):                         # cut_step passes feat_k by position
+        bound = signature.bind(*args, **kwargs)
+        bound.arguments["feat_k"] = keys(bound.arguments.get("feat_k"))
+        calls["nce"] += 1
+        return nce(*bound.args, **bound.kwargs)
+
+    def counted_encode(self, *args):
+        calls["encode"] += 1
+        return encode(self, *args)
+    spy_on_step(opts, "G", lambda: seen.update(gradients(nets)))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dcl, "nce_between", patched_nce)
+        patch.setattr(dcl.Generator, "encode", counted_encode)
+        losses = dcl.STEPS[mode](nets, opts, torch.rand(2, 3, 32, 32) * 2 - 1,
+                                 torch.rand(2, 3, 32, 32) * 2 - 1, cfg)
+    return losses, seen, calls
+
+
+@pytest.mark.parametrize("mode", ["cut", "negcut", "simdcl"])
+def test_reused_keys_equal_a_second_encoder_pass(mode):
+    """§6, §8 (F9): the NCE keys reused from the translation pass (cut_step's
+    G(x, taps), dual_step's translate_both) give the losses (within 1e-4) and the
+    gradients at G's Adam step of the same step with feat_k dropped, i.e. with keys
+    from a second G_key.encode(source) pass (NEGCUT: also in N's step; SimDCL: the
+    keys also feed the similarity loss). Batched and single-image convolutions round
+    differently (see the taps test), and the biases of the convs before an instance
+    norm have a true gradient of 0 and carry only that noise, so each gradient is
+    compared against its net's largest one: within 1e-5 of it. With reuse, G.encode
+    runs once per nce_between call (the queries), without it twice. Both comparisons
+    can fail: keys mirrored left-right (a wrong flip_back) change every NCE term by
+    over 1%, and detached keys change G's gradients by over 1e-3 of their largest
+    (NEGCUT: through H_ema and N; SimDCL: through the similarity loss), but not
+    CUT's, whose keys carry no gradient."""
+    reused, grads, calls = step_with_keys(mode, lambda feat_k: feat_k)
+    encoded, grads_2, calls_2 = step_with_keys(mode, lambda feat_k: None)
+    mirrored, _, _ = step_with_keys(mode, lambda feat_k: [f.flip(3) for f in feat_k])
+    _, grads_detached, _ = step_with_keys(mode, lambda feat_k: [f.detach() for f in feat_k])
+    assert calls["nce"] == calls_2["nce"] >= 2
+    assert calls["encode"] == calls["nce"] and calls_2["encode"] == 2 * calls_2["nce"]
+    for name in reused:
+        assert reused[name].item() == pytest.approx(encoded[name].item(), rel=1e-4, abs=1e-6), name
+    nce = [k for k in reused if "NCE" in k]
+    assert all(mirrored[k].item() != pytest.approx(reused[k].item(), rel=1e-2) for k in nce), nce
+
+    def worst(other):                                         # max |Δgrad| / max |grad| over G's nets
+        return max(max((a - b).abs().max() for a, b in zip(grads[net], other[net]))
+                   / max(g.abs().max() for g in grads[net]) for net in grads if net[0] == "G")
+    assert all((a is None) == (b is None) for net in grads for a, b in zip(grads[net], grads_2[net]))
+    scale = {net: max((g.abs().max().item() for g in grads_2[net] if g is not None), default=0.0)
+             for net in grads_2}
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-5 * scale[net])
+               for net in grads for a, b in zip(grads[net], grads_2[net]) if a is not None)
+    assert (worst(grads_detached) > 1e-3) == (mode != "cut")
+
+
+def reference_epoch_keys(n_items, seed, epoch, batch_size):
+    """The single-process sampler before torchrun support, written out: item seeds
+    are a 62-bit blake2b hash of (seed, epoch, position), items a seeded permutation,
+    cut to whole batches."""
+    h = lambda *key: int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(),  # noqa: E731
+                                    "little") >> 2
+    order = torch.randperm(n_items, generator=torch.Generator().manual_seed(h(seed, epoch)))
+    return [(h(seed, epoch, p), int(order[p]), False) for p in range(n_items - n_items % batch_size)]
+
+
+def test_epoch_sampler_shards_one_permutation():
+    """§7 (F19): with 2 processes and batch 2 on 11 items (2 whole batches each),
+    process r gets positions r, r + 2, ... of the world-1 permutation, item seeds
+    included: the two are disjoint, equally long and together the first 8 keys of
+    world 1; world 1 (the default) is unchanged from the single-process sampler;
+    start_batch 1 under world 2 continues mid-epoch where each process left off."""
+    cfg = tiny_cfg(batch_size=2, seed=3)
+    one = list(dcl.EpochSampler(11, cfg, 2))
+    assert one == list(dcl.EpochSampler(11, cfg, 2, 0, 0, 1)) == reference_epoch_keys(11, 3, 2, 2)
+    shards = [list(dcl.EpochSampler(11, cfg, 2, 0, rank, 2)) for rank in (0, 1)]
+    assert [len(s) for s in shards] == [len(dcl.EpochSampler(11, cfg, 2, 0, r, 2)) for r in (0, 1)] == [4, 4]
+    assert shards[0] == one[0:8:2] and shards[1] == one[1:8:2]
+    assert not {k[0] for k in shards[0]} & {k[0] for k in shards[1]}
+    for rank in (0, 1):
+        resumed = dcl.EpochSampler(11, cfg, 2, 1, rank, 2)
+        assert len(resumed) == 2 and list(resumed) == shards[rank][2:]
+
+
+DISTRIBUTED_SCRIPT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch, torch.distributed as dist
+import dcl
+torch.set_num_threads(1)
+rank, world, device = dcl.setup_distributed(torch.device("cpu"))
+flat = lambda tensors: torch.cat([t.detach().flatten() for t in tensors])
+
+
+def gathered(v):
+    out = [torch.empty_like(v) for _ in range(world)]
+    dist.all_gather(out, v)
+    return out
+
+
+result = dict(world=world, backend=dist.get_backend(), device=str(device))
+for mode in ("cut", "dcl"):
+    cfg = dcl.resolve_config(dict(mode=mode, dataroot="x", load_size=36, crop_size=32, ngf=8, ndf=8,
+                                  netF_nc=16, num_patches=16, device="cpu"))[0]
+    for averaged in (True, False):
+        torch.manual_seed(0)                                  # the same initial weights everywhere
+        nets = dcl.build_networks(cfg, device)
+        opts = dcl.build_optimizers(nets, cfg)
+        params, d_grads = [p for net in nets.values() for p in net.parameters()], []
+        before = flat(params)
+        if averaged:                                          # as train() does under torchrun
+            for opt in opts.values():
+                opt.register_step_pre_hook(dcl.average_gradients)
+        opts["D"].register_step_pre_hook(               # after average_gradients: the grads Adam uses
+            lambda opt, *_: d_grads.append(flat(p.grad for p in opt.param_groups[0]["params"])))
+        torch.manual_seed(100 + rank)                         # own images, patch ids
+        real_a, real_b = (torch.rand(1, 3, 32, 32) * 2 - 1 for _ in "ab")
+        dcl.STEPS[mode](nets, opts, real_a, real_b, cfg)
+        after, d = gathered(flat(params)), gathered(d_grads[0])
+        result[f"{mode} {'averaged' if averaged else 'alone'}"] = dict(
+            same_init=all(torch.equal(b, before) for b in gathered(before)),
+            same_after=torch.equal(*after), moved=not torch.equal(after[rank], before),
+            same_d_grads=torch.equal(*d))
+        if averaged:
+            d_averaged = d_grads[0]
+        else:
+            result[f"{mode} D grad is the mean"] = torch.equal(d_averaged, (d[0] + d[1]) / 2)
+with open(f"{sys.argv[2]}.{rank}", "w") as f:
+    json.dump(result, f)
+dist.destroy_process_group()
+"""
+
+
+def ranks(script, *args, cwd):
+    """Run `python SCRIPT ARGS` as ranks 0 and 1 with the environment torchrun gives
+    its workers (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT: a free
+    port), without its agent's 3 s start-up: [(exit status, stderr)] by rank."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, str(script), *map(str, args)], cwd=cwd, text=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for r in (0, 1)]
+    try:
+        errors = [p.communicate(timeout=120)[1] for p in procs]
+        return [(p.returncode, error) for p, error in zip(procs, errors)]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def test_average_gradients_keeps_the_processes_identical(tmp_path):
+    """§9 (F19): in two processes started as torchrun starts them, setup_distributed
+    joins a gloo group on the CPU; nets built from one seed start identical; with
+    average_gradients as every optimiser's step pre-hook (as train() registers it),
+    one cut_step and one dual_step on each process's own random images leave both
+    processes with identical weights, changed by the step, and D's Adam sees
+    exactly the mean of the processes' own D gradients. Without the hook the same
+    steps leave the processes' weights (and D gradients) different."""
+    script = tmp_path / "ranks.py"
+    script.write_text(DISTRIBUTED_SCRIPT)
+    for rank, (code, err) in enumerate(ranks(script, REPO, tmp_path / "result", cwd=tmp_path)):
+        assert code == 0, f"rank {rank}: {err[-3000:]}"
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"result.{rank}").read_text())
+        assert (result["world"], result["backend"], result["device"]) == (2, "gloo", "cpu")
+        for mode in ("cut", "dcl"):
+            averaged, alone = result[f"{mode} averaged"], result[f"{mode} alone"]
+            assert averaged == dict(same_init=True, same_after=True, moved=True, same_d_grads=True), mode
+            assert alone == dict(same_init=True, same_after=False, moved=True, same_d_grads=False), mode
+            assert result[f"{mode} D grad is the mean"], mode
+
+
+def test_torchrun_train_writes_once_and_resumes_in_one_process(data, tmp_path, capsys):
+    """§9 (F19): `torchrun --nproc_per_node 2 dcl.py train --mode cut --max_steps 2`
+    on 4 items runs 2 steps per epoch of batch 1 per process × 2 processes, exit 0;
+    only rank 0 prints and writes: one data, schedule and closing line, one progress
+    line per step, one env.txt entry, log rows for steps 1 and 2 once each, and the run folder holds nothing
+    but the checkpoint, config, env.txt, log and 3 samples. The checkpoint (step 2,
+    the epoch done) continues in a single process for one more step."""
+    proc = torchrun("dcl.py", "train", "--mode", "cut", "--max_steps", 2, "--dataroot", data, *TINY,
+                    "--checkpoints_dir", tmp_path, "--name", "r")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "r"
+    lines = proc.stdout.splitlines()
+    data_lines = [line for line in lines if line.startswith("data: ")]
+    assert len(data_lines) == 1 and "2 steps per epoch" in data_lines[0], proc.stdout[-3000:]
+    assert "batch 1 per process × 2 processes = 2" in data_lines[0]
+    assert [line[:5] for line in lines if line.startswith(("data:", "schedule:", "[cut]", "done:"))] \
+        == ["data:", "sched", "[cut]", "[cut]", "done:"]
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == \
+        ["ckpt_latest.pt", "config.json", "env.txt", "log.jsonl", "samples", "samples/latest.png",
+         "samples/step_0000001.png", "samples/step_0000002.png"]
+    assert (run / "env.txt").read_text().count("argv: ") == 1
+    assert [r["step"] for r in read_log(run)] == [1, 2]
+    ckpt = torch.load(run / "ckpt_latest.pt", weights_only=True)
+    assert (ckpt["step"], ckpt["epoch"], ckpt["epoch_step"]) == (2, 2, 0)
+    code, out, err = train_in_process(capsys, "--name", "r", "--checkpoints_dir", tmp_path,
+                                      "--continue_train", "--max_steps", 3)
+    assert code == 0, err
+    assert "4 steps per epoch, batch 1;" in out and "processes" not in out
+    assert [r["step"] for r in read_log(run)] == [1, 2, 3]
+    assert torch.load(run / "ckpt_latest.pt", weights_only=True)["step"] == 3
+
+
+BENCH_KEYS = {"mode", "device", "batch_size", "crop_size", "s_per_iter", "images_per_s", "tflop_per_iter",
+              "tflops", "matmul_tflops", "peak_memory_gb", "fast"}
+
+
+def test_bench_prints_one_json_line_per_mode(capsys, monkeypatch):
+    """§11: `bench` times the mode's real step (dcl.STEPS, counted here): the first
+    call is the FLOP count, then --warmup, then --steps timed calls, and prints one
+    JSON line per mode on stdout (the human line goes to stderr) with at least the
+    keys mode, device, batch_size, crop_size, s_per_iter, images_per_s,
+    tflop_per_iter, tflops, matmul_tflops, peak_memory_gb (null on the CPU) and fast
+    (off on the CPU by default): s_per_iter > 0, tflop_per_iter > 0, images_per_s =
+    batch / s_per_iter (both are rounded: 1e-3). --mode all gives one line per mode
+    of dcl.MODES, in that order; --mode nope is one "error:" line and exit 2."""
+    calls = Counter()
+    for mode, step in dcl.STEPS.items():
+        monkeypatch.setitem(dcl.STEPS, mode, lambda *a, m=mode, step=step: (calls.update([m]), step(*a))[1])
+    tiny = ["--crop_size", 32, "--ngf", 8, "--ndf", 8, "--netF_nc", 16, "--num_patches", 16,
+            "--device", "cpu"]
+    code, out, err = main_in_process(capsys, "bench", "--mode", "cut", *tiny, "--batch_size", 2,
+                                     "--steps", 2, "--warmup", 1)
+    assert code == 0, err
+    [row] = [json.loads(line) for line in out.splitlines()]
+    assert BENCH_KEYS <= set(row) and calls == {"cut": 4} and "cut" in err
+    assert (row["mode"], row["device"], row["batch_size"], row["crop_size"], row["fast"],
+            row["peak_memory_gb"]) == ("cut", "cpu", 2, 32, False, None)
+    assert row["s_per_iter"] > 0 and row["tflop_per_iter"] > 0 and row["matmul_tflops"] > 0
+    assert row["images_per_s"] == pytest.approx(2 / row["s_per_iter"], rel=1e-3)
+    code, out, err = main_in_process(capsys, "bench", "--mode", "all", *tiny, "--steps", 1, "--warmup", 0)
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["mode"] for r in rows] == list(dcl.MODES) and all(BENCH_KEYS <= set(r) for r in rows)
+    assert all(r["s_per_iter"] > 0 and r["tflop_per_iter"] > 0 for r in rows)
+    assert calls == Counter({mode: 2 for mode in dcl.MODES}) + Counter(cut=4)
+    code, out, err = main_in_process(capsys, "bench", "--mode", "nope")
+    assert code == 2 and out == "" and err.startswith("error:") and err.count("\n") == 1, err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["cut", "dcl"])
+def test_fast_step_never_synchronises_with_the_host(mode):
+    """§8: under --fast on CUDA (bf16 autocast, channels_last, fused Adam) a cut_step
+    and a dual_step at 64 px, after a warm-up step, run with
+    torch.cuda.set_sync_debug_mode("error"), which raises on any host
+    synchronisation (.item(), a host copy, nonzero, ...): patch ids, the loss terms
+    and the optimiser steps stay on the device."""
+    cfg, device = tiny_cfg(mode=mode, load_size=72, crop_size=64, device="cuda", fast="on"), "cuda"
+    assert dcl.fast_path(cfg, device)
+    torch.manual_seed(0)
+    nets = dcl.build_networks(cfg, device)
+    opts = dcl.build_optimizers(nets, cfg, fused=True)
+    real_a, real_b = (torch.rand(1, 3, 64, 64, device=device).mul(2).sub(1)
+                      .contiguous(memory_format=torch.channels_last) for _ in "ab")
+    with torch.autocast("cuda", torch.bfloat16):
+        dcl.STEPS[mode](nets, opts, real_a, real_b, cfg)     # warm-up: lazy init, cuDNN plans
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            losses = dcl.STEPS[mode](nets, opts, real_a, real_b, cfg)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(v) for v in losses.values())
 
 
 if __name__ == "__main__":
