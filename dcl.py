@@ -22,7 +22,7 @@ Commands
     python dcl.py translate --checkpoint checkpoints/h2z/ckpt_latest.pt \\
                             --input ./datasets/horse2zebra/testA --output ./results/h2z
     python dcl.py bench --mode all                      # s/iter, images/s, TFLOP/s per mode
-    torchrun --nproc_per_node=4 dcl.py train --mode cut --dataroot ...   # multi-GPU (DDP)
+    torchrun --nproc_per_node=4 dcl.py train --mode cut --dataroot ...   # multi-GPU
 
 Contents ([core] = the methods, [plumbing] = the machinery around them)
     1. Config and mode presets [plumbing]      7. Unpaired data [plumbing]
@@ -103,10 +103,10 @@ Faithfulness notes: every place this file differs from the official code
       with every output, L2 normalisation, logit and loss in fp32;
       channels_last; fused Adam. Results change by bf16 rounding only;
       --fast off is the official fp32 arithmetic (TF32 convolutions aside).
-  F19 Added: DDP under torchrun. Each process draws its own patch ids, noise
-      and flips (seed + rank) and sees its own share of A; PatchNCE, the
-      pooled negatives and the image pool stay per process. The effective
-      batch is world size × --batch_size; the LR is not scaled (papers: 1 GPU).
+  F19 Added: data parallelism under torchrun (gradients averaged by all-reduce;
+      see average_gradients). Each process draws its own patch ids, noise and
+      flips and sees its share of A; PatchNCE, pooled negatives and image pools
+      stay per process. Effective batch: processes × --batch_size; LR unscaled.
 
 Not included: visdom or any display server, HTML pages, dataset downloads,
 UNet/StyleGAN generators, SinCUT, FID (run pytorch-fid on translate output),
