@@ -59,20 +59,16 @@ Glossary (code name | paper symbol | official name or flag)
 Faithfulness notes: every place this file differs from the official code
 (methods.md §10 numbers its quirks Q1..Q38), and the quirks we keep.
   F1  Kept: the l_neg diagonal is filled with −10 before dividing by τ (Q1).
-  F2  Kept: keys are detached (Q2); one patch-id set per layer is shared by
-      the batch (Q3); negatives come from the same image.
+  F2  Kept: detached keys (Q2); one patch-id set per layer for the batch (Q3).
   F3  Changed: patch ids, the flip coin, the B draw and the image pool use
       torch's RNG, not numpy's and Python's (Q4, Q15): one --seed covers all.
-  F4  Changed: PatchNCE views patches by the tensor's real batch size, not
-      --batch_size (Q5); identical at batch 1.
-  F5  Changed: heads are built eagerly from known channel counts (Q8); layer
-      ids are a tuple, never mutated (Q7).
+  F4  Changed: PatchNCE groups patches by the real batch size, not --batch_size (Q5).
+  F5  Changed: heads are built eagerly (Q8); layer ids are a tuple, never mutated (Q7).
   F6  Kept: no random crop in the LR-decay epochs of the CUT lineage (Q9;
       --crop_in_decay undoes it); the LR never reaches 0 (Q10); CycleGAN uses
       the same schedule, one epoch later than recent upstream code (Q11).
   F7  Changed: counters count optimisation steps, not images (Q14).
-  F8  Changed: translate keeps native resolution and names (Q13); --resize
-      256 gives the official test protocol.
+  F8  Changed: translate keeps native size and names (Q13); --resize 256 = official test.
   F9  Changed: D scores real and fake in one call, G its translation and
       identity inputs in one call (exact: no layer mixes images), and the
       keys reuse the encoder activations of that call (exact: the same
@@ -83,8 +79,7 @@ Faithfulness notes: every place this file differs from the official code
       D losses are not scaled by λ_GAN (Q18); every term is half of Eq. 8
       (Q20); no image pool (Q21); the code's lr and epochs, not the paper's
       (Q22); negatives pooled over the batch (Q23).
-  F12 Kept (DCLGAN): the heads' Adam runs at lr 1e-3, betas (0.9, 0.999) (Q17),
-      set by the preset as --lr_H 1e-3 --beta1_H 0.9.
+  F12 Kept (DCLGAN): the heads' Adam at lr 1e-3, betas (0.9, 0.999) (Q17), via --lr_H, --beta1_H.
   F13 Changed (DCLGAN, SimDCL): the L1 identity term is switched by λ_IDT > 0
       (Q19); dot products of eps-normalised vectors, not cosines: equal once
       ‖z‖ ≫ 1e-7, within 1% at initialisation.
@@ -108,9 +103,8 @@ Faithfulness notes: every place this file differs from the official code
       flips and sees its share of A; PatchNCE, pooled negatives and image pools
       stay per process. Effective batch: processes × --batch_size; LR unscaled.
 
-Not included: visdom or any display server, HTML pages, dataset downloads,
-UNet/StyleGAN generators, SinCUT, FID (run pytorch-fid on translate output),
-DataParallel, CUDA graphs, wandb/tensorboard.
+Not included: display servers, HTML pages, dataset downloads, UNet/StyleGAN generators,
+SinCUT, FID (run pytorch-fid on translate output), DataParallel, CUDA graphs, wandb.
 """
 from __future__ import annotations
 
@@ -144,10 +138,9 @@ from torchvision.utils import save_image
 # -----------------------------------------------------------------------------
 # 1. Config and mode presets [plumbing]
 # -----------------------------------------------------------------------------
-# Precedence: the dataclass defaults (the official CUT code's) < the --mode
-# preset < the demo settings (only when no --dataroot is given) < flags typed
-# on the command line. The resolved config is printed at start, saved with the
-# run and stored in every checkpoint, so translate needs nothing else.
+# Precedence: the dataclass defaults (the official CUT code's) < the --mode preset < the
+# demo settings (only without --dataroot) < typed flags. The resolved config is printed,
+# saved with the run and stored in every checkpoint, so translate needs nothing else.
 
 MODES = {
     # CUT: identity NCE on the target domain (G(y) should stay y), λ_NCE 1,
@@ -200,9 +193,8 @@ NETWORKS = {"cut": ("G", "D", "H"), "fastcut": ("G", "D", "H"),
 # settings a 2-core CPU runs at several steps per second: 64-pixel crops and a
 # quarter-width network. The method (losses, layers, step) is unchanged.
 BUNDLED_DATA = Path(__file__).resolve().parent / "data"
-DEMO = dict(load_size=72, crop_size=64, ngf=16, ndf=16,
-            n_epochs=6, n_epochs_decay=2, print_freq=25, display_freq=100,
-            save_latest_freq=500, save_epoch_freq=1, num_threads=1)
+DEMO = dict(load_size=72, crop_size=64, ngf=16, ndf=16, n_epochs=6, n_epochs_decay=2, print_freq=25,
+            display_freq=100, save_latest_freq=500, save_epoch_freq=1, num_threads=1)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 
@@ -343,12 +335,10 @@ def resolve_config(flags: dict) -> tuple[TrainConfig, dict]:
 # -----------------------------------------------------------------------------
 # 2. Building blocks: antialiased resampling, ResNet block, init
 # -----------------------------------------------------------------------------
-# The CUT lineage replaces strided convolutions with "blur, then subsample"
-# (Zhang, "Making Convolutional Networks Shift-Invariant Again", ICML 2019,
-# arXiv 1904.11486): a stride-2 conv aliases high frequencies into
-# checkerboard artefacts, a fixed low-pass filter before the subsampling does
-# not. The filters are constant, stored as persistent buffers named `filt`
-# because official checkpoints contain them (official CUT code, networks.py).
+# The CUT lineage replaces strided convolutions with "blur, then subsample" (Zhang,
+# "Making Convolutional Networks Shift-Invariant Again", ICML 2019, arXiv 1904.11486):
+# a stride-2 conv aliases high frequencies into checkerboard artefacts, a fixed low-pass
+# filter first does not. The filters are persistent buffers `filt`, as in official checkpoints.
 
 class Downsample(nn.Module):
     """Blur with [1,2,1]ᵀ⊗[1,2,1]/16, then keep every second pixel.
@@ -450,10 +440,8 @@ def unit(z: torch.Tensor, dim: int = 1) -> torch.Tensor:
 #  29-31 ReflectionPad2d(3), conv7 64→3, Tanh             3×256×256
 # The taps' receptive fields are 1, 9, 15, 35 and 99 pixels: from single
 # pixels to object parts, which is why PatchNCE uses several layers.
-# --no_antialias makes each down step one stride-2 conv (3 entries, not 4),
-# --no_antialias_up each up step one transposed conv: both together give the
-# 28-entry upstream CycleGAN generator (keys model.{1,4,7,10..18,19,22,26}).
-# The parameter count is the same; the layer indices are not.
+# --no_antialias (stride-2 convs down) and --no_antialias_up (transposed convs up) give
+# the 28-entry upstream CycleGAN G (keys model.{1,4,7,10..18,19,22,26}): same size, other indices.
 
 class Generator(nn.Module):
     def __init__(self, ngf: int = 64, antialias: bool = True, antialias_up: bool = True,
@@ -483,8 +471,9 @@ class Generator(nn.Module):
         feats = []
         for index, layer in enumerate(self.model):
             x = layer(x)
-            if index in taps:
-                feats.append(x)
+            if index in taps:                 # the last tap as encode leaves it: before an in-place ReLU
+                after = self.model[index + 1] if index + 1 < len(self.model) else None
+                feats.append(x.clone() if index == taps[-1] and getattr(after, "inplace", False) else x)
         return x.float(), feats
 
     def encode(self, x, layer_ids: tuple) -> list:
@@ -907,13 +896,11 @@ def perceptual_terms(nets: dict, cfg: TrainConfig, target_sets: list, content_pa
 # -----------------------------------------------------------------------------
 # 7. Unpaired data [plumbing]
 # -----------------------------------------------------------------------------
-# DATAROOT/trainA and DATAROOT/trainB hold unrelated images (any counts). An
-# epoch visits every A image once (or, if B is larger, max(|A|,|B|) items with
-# A repeating); each A is paired with a B drawn uniformly at random, so the
-# model never sees the same pair twice and cannot rely on pairing (official
-# unaligned_dataset.py). Each item's random draws (the B index, crops, flips)
-# come from its own seed (seed, epoch, position), so a run is reproducible
-# whatever the number of workers and resumes exactly in the middle of an epoch.
+# DATAROOT/trainA and trainB hold unrelated images. An epoch visits every A image
+# once (max(|A|,|B|) items, A repeating); each is paired with a B drawn at random, so
+# no pairing can be learnt (official unaligned_dataset.py). Each item's draws (B index,
+# crop, flip) come from its own seed (seed, epoch, position): a run is the same with
+# any number of workers and resumes exactly in the middle of an epoch.
 
 def find_images(folder: Path) -> list:
     """Every image below folder (links followed), sorted, extensions in any case."""
@@ -987,8 +974,7 @@ class UnpairedDataset(torch.utils.data.Dataset):
         return max(len(self.files_a), len(self.files_b))
 
     def __getitem__(self, key):
-        """(real_a, real_b, warnings about unreadable files skipped on the way,
-        one per line: the main process prints them, so they stay in order)."""
+        """(real_a, real_b, warnings about skipped unreadable files for the main process to print)."""
         item_seed, index, no_crop = key
         rng = torch.Generator().manual_seed(item_seed)
         if self.cfg.serial_batches:
@@ -1086,10 +1072,9 @@ def make_generator(cfg: TrainConfig) -> Generator:
 
 
 def build_optimizers(nets: dict, cfg: TrainConfig, fused: bool = False) -> dict:
-    """One Adam per family: "G" (every generator), "D" (every discriminator),
-    "H" (every head, with --lr_H and --beta1_H when set), "N" (NEGCUT, at --lr:
-    the official --lr_N is never read, Q29); no weight decay. Frozen networks
-    (H_ema, VGG) and the image pools get none. fused: one kernel per step (--fast)."""
+    """One Adam per family: "G", "D", "H" (every head, with --lr_H and --beta1_H when
+    set), "N" (at --lr: the official --lr_N is never read, Q29); no weight decay.
+    Frozen nets (H_ema, VGG) and image pools get none. fused: one kernel per step."""
     params, opts = {}, {}
     for name, net in nets.items():
         trained = [p for p in net.parameters() if p.requires_grad]
@@ -1408,9 +1393,8 @@ def atomic_save(obj, path: Path) -> None:
 
 def save_checkpoint(path: Path, nets: dict, cfg: TrainConfig, opts: dict | None = None,
                     counters: dict | None = None) -> None:
-    """One dict of tensors and plain values (loadable with weights_only=True).
-    With opts and counters it holds everything a run needs to continue;
-    without, it is a weights snapshot that translate can still use."""
+    """One dict of tensors and plain values (weights_only=True loads it). With opts and
+    counters it holds all a run needs to continue; without, a snapshot for translate."""
     ckpt = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "mode": cfg.mode,
             "config": dataclasses.asdict(cfg),
             "nets": {name: net.state_dict() for name, net in nets.items() if name != "vgg"}}
@@ -1462,12 +1446,12 @@ def load_state(net: nn.Module, state: dict, what: str) -> None:
 def format_duration(seconds: float) -> str:
     s = int(seconds)
     days, hours, minutes = s // 86400, s // 3600 % 24, s // 60 % 60
-    return f"{days}d{hours:02d}h" if days else f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{s % 60:02d}s"
+    return (f"{days}d{hours:02d}h" if days else f"{hours}h{minutes:02d}m" if hours
+            else f"{minutes}m{s % 60:02d}s")
 
 
 class Meter:
-    """Sums losses on the device between log steps, so the step itself never
-    waits for the GPU; the means are read once per log step."""
+    """Sums losses on the device, so the step never waits for the GPU; read at log steps."""
 
     def __init__(self):
         self.sums, self.count, self.start, self.data_time = {}, 0, time.perf_counter(), 0.0
@@ -1488,9 +1472,8 @@ class Meter:
 
 
 def fixed_samples(cfg: TrainConfig, dataset: UnpairedDataset, count: int = 4) -> tuple:
-    """A few held-out inputs (testA/testB if present, else the first training
-    images the dataset already listed), resized without crop or flip, as
-    translate would see them."""
+    """A few held-out inputs (testA/testB, else the first training images), resized
+    without crop or flip, as translate would see them."""
     batches = []
     for test_folder, train_files in zip(domain_folders(cfg, "test"), (dataset.files_a, dataset.files_b)):
         files = find_images(test_folder) if test_folder.is_dir() else []
@@ -1516,8 +1499,7 @@ def describe_config(cfg: TrainConfig, source: dict) -> str:
 
 
 def write_run_info(run_dir: Path, cfg: TrainConfig, device: torch.device, argv: list) -> None:
-    """config.json, plus versions and this file's SHA-256 in env.txt, so every
-    run folder says exactly what produced it."""
+    """config.json, and versions and this file's SHA-256 in env.txt: what made the run."""
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     source_hash = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
@@ -1525,6 +1507,19 @@ def write_run_info(run_dir: Path, cfg: TrainConfig, device: torch.device, argv: 
         f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  python {platform.python_version()}  "
                 f"torch {torch.__version__}  cuda {torch.version.cuda}  gpu {gpu}  "
                 f"dcl.py sha256 {source_hash}\n  argv: {' '.join(argv)}\n")
+
+
+def load_optimizer(opt: torch.optim.Optimizer, state: dict, fused: bool) -> None:
+    """A stored Adam state, laid out for this run: fused or not (--fast may differ
+    from the run that saved it), moments in their parameters' memory layout."""
+    opt.load_state_dict(state)
+    for group in opt.param_groups:
+        group["fused"] = fused or None
+        for p in group["params"]:
+            slots = opt.state.get(p, {})
+            for k, v in slots.items():
+                slots[k] = (v.to(p.device if fused else "cpu", torch.float32) if k == "step"
+                            else torch.empty_like(p).copy_(v))
 
 
 def setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:
@@ -1583,14 +1578,14 @@ def train(cfg: TrainConfig, source: dict, argv: list) -> int:
         for name, state in resume["nets"].items():
             load_state(nets[name], state, f"{latest} ({name})")
         for name, opt in opts.items():
-            opt.load_state_dict(resume["optimizers"][name])
+            load_optimizer(opt, resume["optimizers"][name], fast)
         step, epoch, epoch_step = resume["step"], resume["epoch"], resume["epoch_step"]
         set_rng_state(resume["rng"])
+        if epoch_step >= steps_per_epoch:                     # saved just as an epoch ended
+            epoch, epoch_step = epoch + 1, 0
         if epoch_step and resume.get("world", 1) != world:    # the epoch's shards would change
             raise UserError(f"{latest} stopped mid-epoch with {resume.get('world', 1)} process(es): "
                             f"continue with as many (this run has {world})")
-    if epoch_step == steps_per_epoch:                         # saved just as an epoch ended
-        epoch, epoch_step = epoch + 1, 0
     if world > 1:                                             # own patch ids, noise, flips (F19)
         seed_everything(cfg.seed + 1000 * rank + step)
         for opt in opts.values():
@@ -1690,10 +1685,13 @@ def train(cfg: TrainConfig, source: dict, argv: list) -> int:
         stop["restore"]()
         if tty:
             print()
+    if master:
+        save_checkpoint(latest, nets, cfg, opts, counters())
+        save_samples(nets, samples, cfg, device, run_dir / "samples" / "latest.png")
+    if world > 1:                                             # no process leaves (torchrun would
+        dist.barrier()                                        # stop the rest) before rank 0 saved
     if not master:
-        return 128 + halt if halt else 0
-    save_checkpoint(latest, nets, cfg, opts, counters())
-    save_samples(nets, samples, cfg, device, run_dir / "samples" / "latest.png")
+        return 0
     resume_cmd = shlex.join(["python", "dcl.py", "train", "--name", cfg.name, "--checkpoints_dir",
                              cfg.checkpoints_dir, "--continue_train"])
     if halt:
@@ -1733,8 +1731,7 @@ def report(meter, log, cfg, step, epoch, epoch_step, steps_per_epoch, total_step
 
 
 def install_stop_handlers() -> dict:
-    """Ctrl-C or SIGTERM finishes the current step, saves, and says how to
-    resume; a second Ctrl-C stops at once. stop["restore"]() undoes this."""
+    """Ctrl-C/SIGTERM: stop after this step and save; a second Ctrl-C: at once. restore() undoes it."""
     stop = {"signal": 0, "restore": lambda: None}
 
     def handler(signum, frame):
@@ -1887,18 +1884,20 @@ def bench(flags: dict, modes: list, steps: int, warmup: int) -> int:
         real_a, real_b = (torch.rand(cfg.batch_size, 3, cfg.crop_size, cfg.crop_size, device=device)
                           .mul(2).sub(1).contiguous(memory_format=torch.channels_last if fast
                                                     else torch.contiguous_format) for _ in "ab")
-        run = lambda: STEPS[mode](nets, opts, real_a, real_b, cfg)  # noqa: E731
-        with torch.autocast(device.type, torch.bfloat16, enabled=fast):
-            with FlopCounterMode(display=False) as flops:
-                run()
-            for _ in range(warmup):
-                run()
-            sync()
-            torch.cuda.reset_peak_memory_stats(device) if cuda else None
-            start = time.perf_counter()
-            for _ in range(steps):
-                losses = run()
-            sync()
+
+        def run():        # one autocast region per step, as in train: it caches bf16 weight copies
+            with torch.autocast(device.type, torch.bfloat16, enabled=fast):
+                return STEPS[mode](nets, opts, real_a, real_b, cfg)
+        with FlopCounterMode(display=False) as flops:
+            run()
+        for _ in range(warmup):
+            run()
+        sync()
+        torch.cuda.reset_peak_memory_stats(device) if cuda else None
+        start = time.perf_counter()
+        for _ in range(steps):
+            losses = run()
+        sync()
         seconds, tflop = (time.perf_counter() - start) / steps, flops.get_total_flops() / 1e12
         sig = lambda x: float(f"{x:.4g}")                     # noqa: E731 - 4 significant digits
         if not all(math.isfinite(float(v)) for v in losses.values()):

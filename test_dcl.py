@@ -2337,15 +2337,18 @@ def test_fast_path_auto_on_and_off():
     assert table == {"auto": [False, True, True], "on": [True] * 3, "off": [False] * 3}
 
 
-def test_generator_taps_are_the_encoder_activations():
+@pytest.mark.parametrize("ids", [(0, 4, 8, 12, 16), (0, 4, 9)])
+def test_generator_taps_are_the_encoder_activations(ids):
     """§3 (F9): G(cat([a, b]), ids) returns G(cat([a, b])) and the activations after
     the listed layers; their first n rows are G.encode(a, ids), the rest
     G.encode(b, ids). Not always bit for bit on the CPU: a conv over 3 images may
     block its sums differently from one over 1, and instance norm then divides
     the pre-norm activations (std ~1e-3 at init) by their std, so by tap 16 the
-    difference grows to ~1.5e-6 of the map's largest value; allowed: 1e-5 of it."""
+    difference grows to ~1.5e-6 of the map's largest value; allowed: 1e-5 of it.
+    Layer 9 (an instance norm) is followed by an in-place ReLU: encode stops
+    before it, so the forward pass must keep that last tap from being overwritten."""
     torch.manual_seed(0)
-    G, ids = dcl.build_networks(tiny_cfg(), "cpu")["G"], (0, 4, 8, 12, 16)
+    G = dcl.build_networks(tiny_cfg(), "cpu")["G"]
     a, b = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         y, taps = G(torch.cat([a, b]), ids)
@@ -2639,3 +2642,46 @@ def test_fast_step_never_synchronises_with_the_host(mode):
 
 if __name__ == "__main__":
     pytest.main([__file__, "-q"])
+
+
+def test_resume_lays_adam_out_for_this_run():
+    """§9: a --fast run's Adam state (fused, channels_last moments, step on the
+    device) loads into an exact-path run as plain Adam: fused off, moments in
+    the parameters' contiguous layout with the same values, step a CPU float32;
+    the next update then equals a fresh non-fused Adam given the same moments
+    (a fused kernel fed channels_last moments next to contiguous parameters
+    would mix up elements). And back: an exact-path state loads fused."""
+    torch.manual_seed(0)
+    fast_cfg = dataclasses.replace(tiny_cfg(), fast="on")
+    nets = dcl.build_networks(fast_cfg, "cpu")
+    opts = dcl.build_optimizers(nets, fast_cfg, fused=True)
+    for p in nets["G"].parameters():
+        p.grad = torch.randn_like(p)
+    opts["G"].step()
+    saved, weights = opts["G"].state_dict(), nets["G"].state_dict()
+    plain = dcl.build_networks(tiny_cfg(), "cpu")
+    plain["G"].load_state_dict(weights)
+    opt = dcl.build_optimizers(plain, tiny_cfg())["G"]
+    dcl.load_optimizer(opt, saved, fused=False)
+    assert opt.param_groups[0]["fused"] is None
+    params = list(plain["G"].parameters())
+    for p, q in zip(params, nets["G"].parameters()):
+        slots = opt.state[p]
+        assert slots["step"].device.type == "cpu" and slots["step"].dtype == torch.float32
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert slots[k].is_contiguous() and torch.equal(slots[k], opts["G"].state[q][k])
+    reference = torch.optim.Adam([p.detach().clone().requires_grad_() for p in params],
+                                 lr=opt.param_groups[0]["lr"], betas=opt.param_groups[0]["betas"])
+    reference.load_state_dict(copy.deepcopy(opt.state_dict()))  # else it shares opt's tensors
+    grads = [torch.randn_like(p) for p in params]
+    for p, r, g in zip(params, reference.param_groups[0]["params"], grads):
+        p.grad, r.grad = g.clone(), g.clone()
+    opt.step()
+    reference.step()
+    for p, r in zip(params, reference.param_groups[0]["params"]):
+        assert torch.equal(p, r)
+    back = dcl.build_optimizers(nets, fast_cfg, fused=True)["G"]
+    dcl.load_optimizer(back, opt.state_dict(), fused=True)
+    assert back.param_groups[0]["fused"] is True
+    for p in nets["G"].parameters():
+        assert back.state[p]["exp_avg"].is_contiguous(memory_format=torch.channels_last) or p.dim() != 4
