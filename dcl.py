@@ -77,8 +77,8 @@ Faithfulness notes: every place this file differs from the official code
       be a multiple of 4; one checkpoint file holds everything.
   F11 Kept (DCLGAN, SimDCL): the hinge G loss is mean(relu(1 − D(G(x)))) (Q16);
       D losses are not scaled by λ_GAN (Q18); every term is half of Eq. 8
-      (Q20); no image pool (Q21); the code's lr and epochs, not the paper's
-      (Q22); negatives pooled over the batch (Q23).
+      (Q20); no image pool, the paper says 50 (Q21); the code's lr and epochs,
+      not the paper's (Q22); negatives pooled over the batch (Q23).
   F12 Kept (DCLGAN): the heads' Adam at lr 1e-3, betas (0.9, 0.999) (Q17), via --lr_H, --beta1_H.
   F13 Changed (DCLGAN, SimDCL): the L1 identity term is switched by λ_IDT > 0
       (Q19); dot products of eps-normalised vectors, not cosines: equal once
@@ -266,7 +266,7 @@ class TrainConfig:
     device: str = _opt("auto", "auto (CUDA if available), cpu, cuda or cuda:N")
     deterministic: bool = _opt(False, "deterministic cuDNN and torch algorithms")
     fast: str = _opt("auto", "bf16, channels_last, fused Adam (auto: on CUDA)", choices=("auto", "on", "off"))
-    compile: bool = _opt(False, "torch.compile G and D (minutes of start-up; pays on long runs)")
+    compile: bool = _opt(False, "torch.compile G and D (slow first steps; pays on long runs)")
     print_freq: int = _opt(100, "steps between loss-log rows and progress lines")
     display_freq: int = _opt(2500, "steps between sample grids")
     save_latest_freq: int = _opt(5000, "steps between writes of ckpt_latest.pt")
