@@ -132,8 +132,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
-from torchvision.models import vgg16
-from torchvision.utils import save_image
 
 # -----------------------------------------------------------------------------
 # 1. Config and mode presets [plumbing]
@@ -836,6 +834,11 @@ VGG_WEIGHTS = {"relu1_2": 1 / 16, "relu2_2": 1 / 8, "relu3_3": 1 / 4, "relu4_3":
 VGG_FILE = "vgg16-397923af.pth"                           # torchvision's IMAGENET1K_V1 weights
 
 
+def vgg16(weights=None) -> nn.Module:      # torchvision is imported only here: it adds 1.7 s to start-up
+    from torchvision.models import vgg16 as build
+    return build(weights=weights)
+
+
 class Perceptual(nn.Module):
     """L_perc(a, b) = Σ_l w_l·mean|φ_l(a) − φ_l(b)| over VGG_LAYERS with VGG_WEIGHTS
     (deeper layers have smaller activations, hence larger weights), or at
@@ -1316,15 +1319,6 @@ STEPS = {"cut": cut_step, "fastcut": cut_step, "negcut": cut_step, "fastnegcut":
          "cyclegan": cyclegan_step}
 
 
-@torch.no_grad()
-def sample_columns(nets: dict, real_a, real_b, cfg: TrainConfig) -> list:
-    """The columns of a sample grid: real_a | fake_b | real_b, then idt_b
-    (CUT) or fake_a (two-generator modes)."""
-    if "G_ba" in nets:
-        return [real_a, nets["G_ab"](real_a), real_b, nets["G_ba"](real_b)]
-    return [real_a, nets["G"](real_a), real_b] + ([nets["G"](real_b)] if cfg.nce_idt else [])
-
-
 # -----------------------------------------------------------------------------
 # 9. The training loop, checkpoints, samples [plumbing]
 # -----------------------------------------------------------------------------
@@ -1484,11 +1478,17 @@ def fixed_samples(cfg: TrainConfig, dataset: UnpairedDataset, count: int = 4) ->
     return batches[0][:n], batches[1][:n]
 
 
+@torch.no_grad()
 def save_samples(nets, samples, cfg, device, path: Path) -> None:
-    """One row per fixed input, one column per visual (see sample_columns)."""
-    columns = sample_columns(nets, samples[0].to(device), samples[1].to(device), cfg)
-    grid = torch.stack(columns, dim=1).flatten(0, 1)          # (rows·cols)×3×S×S
-    save_image(grid.float().cpu() * 0.5 + 0.5, path, nrow=len(columns), padding=2)
+    """One row per fixed input; columns real_a | fake_b | real_b, then idt_b (CUT) or
+    fake_a (two-generator modes); 2-pixel black borders, as torchvision's make_grid."""
+    real_a, real_b = samples[0].to(device), samples[1].to(device)
+    G = nets["G"] if "G" in nets else nets["G_ab"]
+    last = [nets["G_ba"](real_b)] if "G_ba" in nets else [G(real_b)] if cfg.nce_idt else []
+    grid = F.pad(torch.stack([real_a, G(real_a), real_b, *last], 1).float().cpu(), (2, 0, 2, 0), value=-1)
+    rows, cols, _, h, w = grid.shape                          # rows×cols×3×(S+2)×(S+2)
+    image = F.pad(grid.permute(2, 0, 3, 1, 4).reshape(3, rows * h, cols * w), (0, 2, 0, 2), value=-1)
+    Image.fromarray(to_uint8(image)).save(path)
 
 
 def describe_config(cfg: TrainConfig, source: dict) -> str:

@@ -1038,10 +1038,12 @@ def test_dataset_modes_lengths_and_reproducibility(data):
 # -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", list(dcl.MODES))
-def test_train_then_translate(mode, runs, data, tmp_path):
+def test_train_then_translate(mode, runs, data, tmp_path, capsys):
     """§9-§10: `train --max_steps 2` writes a checkpoint, two log rows with the
     mode's losses, samples and config.json; `translate` writes one PNG per
-    input, at the input's size and relative path (subfolders kept)."""
+    input, at the input's size and relative path (subfolders kept). Training
+    runs as a separate process; translate in this one, through dcl.main (the
+    same code path as the command line, without another 4 s of imports)."""
     proc, run_dir = runs(mode)
     assert proc.returncode == 0, proc.stderr
     rows = read_log(run_dir)
@@ -1052,9 +1054,9 @@ def test_train_then_translate(mode, runs, data, tmp_path):
     assert (run_dir / "ckpt_latest.pt").is_file()
     assert Image.open(run_dir / "samples" / "latest.png").size[0] > 32
     out = tmp_path / "out"
-    proc = cli("translate", "--checkpoint", run_dir / "ckpt_latest.pt", "--input", data / "testA",
-               "--output", out, "--device", "cpu")
-    assert proc.returncode == 0, proc.stderr
+    code, _, err = main_in_process(capsys, "translate", "--checkpoint", run_dir / "ckpt_latest.pt",
+                                   "--input", data / "testA", "--output", out, "--device", "cpu")
+    assert code == 0, err
     inputs = sorted(p.relative_to(data / "testA") for p in (data / "testA").rglob("*") if p.is_file())
     assert sorted(p.relative_to(out) for p in out.rglob("*.png")) == \
         sorted(p.with_suffix(".png") for p in inputs) and len(inputs) == 3
