@@ -1688,21 +1688,17 @@ def train(cfg: TrainConfig, source: dict, argv: list) -> int:
     if master:
         save_checkpoint(latest, nets, cfg, opts, counters())
         save_samples(nets, samples, cfg, device, run_dir / "samples" / "latest.png")
-    if world > 1:                                             # no process leaves (torchrun would
-        dist.barrier()                                        # stop the rest) before rank 0 saved
-    if not master:
-        return 0
-    resume_cmd = shlex.join(["python", "dcl.py", "train", "--name", cfg.name, "--checkpoints_dir",
-                             cfg.checkpoints_dir, "--continue_train"])
-    if halt:
-        print(f"stopped by signal {halt} at step {step}; checkpoint saved. Resume with:\n  {resume_cmd}")
-        return 128 + halt
-    more = "--max_steps M (or 0 for every epoch)" if cfg.max_steps else "--n_epochs N"
-    if skipped_files:
-        print(f"skipped {skipped_files} reads of unreadable images (see the warnings above)")
-    print(f"done: {step} steps; checkpoint {latest}, samples in {run_dir / 'samples'}. "
-          f"To train longer: {resume_cmd} {more}")
-    return 0
+        resume_cmd = shlex.join(["python", "dcl.py", "train", "--name", cfg.name, "--checkpoints_dir",
+                                 cfg.checkpoints_dir, "--continue_train"])
+        more = "--max_steps M (or 0 for every epoch)" if cfg.max_steps else "--n_epochs N"
+        if skipped_files:
+            print(f"skipped {skipped_files} reads of unreadable images (see the warnings above)")
+        print(f"stopped by signal {halt} at step {step}; checkpoint saved. Resume with:\n  {resume_cmd}"
+              if halt else f"done: {step} steps; checkpoint {latest}, samples in {run_dir / 'samples'}. "
+              f"To train longer: {resume_cmd} {more}")
+    if world > 1:                       # leave together, after rank 0 saved: torchrun stops every
+        dist.barrier()                  # process once one ends, and gloo may abort a lone teardown
+    return 128 + halt if halt and master else 0
 
 
 def report(meter, log, cfg, step, epoch, epoch_step, steps_per_epoch, total_steps, lr_now,
