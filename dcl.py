@@ -834,7 +834,7 @@ VGG_WEIGHTS = {"relu1_2": 1 / 16, "relu2_2": 1 / 8, "relu3_3": 1 / 4, "relu4_3":
 VGG_FILE = "vgg16-397923af.pth"                           # torchvision's IMAGENET1K_V1 weights
 
 
-def vgg16(weights=None) -> nn.Module:      # torchvision is imported only here: it adds 1.7 s to start-up
+def vgg16(weights=None) -> nn.Module:      # torchvision is imported only here, to keep start-up fast
     from torchvision.models import vgg16 as build
     return build(weights=weights)
 
