@@ -1198,9 +1198,9 @@ def translate_both(nets: dict, real_a, real_b, with_identity: bool, taps: tuple 
     """fake_b, fake_a and, with identity, idt_b = G_ab(real_b), idt_a = G_ba(real_a),
     in one pass per generator (exact: instance norm is per image); then the
     tapped activations of real_a in G_ab and of real_b in G_ba (the NCE keys)."""
-    n, run = real_a.shape[0], lambda G, x: G(x, taps) if taps else (G(x), [])  # noqa: E731
-    out_b, taps_ab = run(nets["G_ab"], torch.cat([real_a, real_b]) if with_identity else real_a)
-    out_a, taps_ba = run(nets["G_ba"], torch.cat([real_b, real_a]) if with_identity else real_b)
+    n = real_a.shape[0]
+    out_b, taps_ab = nets["G_ab"](torch.cat([real_a, real_b]) if with_identity else real_a, taps)
+    out_a, taps_ba = nets["G_ba"](torch.cat([real_b, real_a]) if with_identity else real_b, taps)
     return out_b[:n], out_a[:n], out_b[n:], out_a[n:], [t[:n] for t in taps_ab], [t[:n] for t in taps_ba]
 
 

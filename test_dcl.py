@@ -813,14 +813,15 @@ def test_two_generator_step_losses(mode):
 
 class ScaleByW(torch.nn.Module):
     """x·w with one trainable scalar w = 1: an identity generator that backward
-    and Adam can still work on."""
+    and Adam can still work on. Like Generator, it returns (y, taps) when asked
+    for taps; it has no layers to tap."""
 
     def __init__(self):
         super().__init__()
         self.w = torch.nn.Parameter(torch.ones(()))
 
-    def forward(self, x):
-        return x * self.w
+    def forward(self, x, taps=None):
+        return x * self.w if taps is None else (x * self.w, [])
 
 
 def test_cyclegan_identity_generators_give_zero_cycle_and_identity():
