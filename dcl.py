@@ -82,14 +82,21 @@ Faithfulness notes: every place this file differs from the official code
   F12 Kept (DCLGAN): the heads' Adam at lr 1e-3, betas (0.9, 0.999) (Q17), via --lr_H, --beta1_H.
   F13 Changed (DCLGAN, SimDCL): the L1 identity term is switched by λ_IDT > 0
       (Q19); dot products of eps-normalised vectors, not cosines: equal once
-      ‖z‖ ≫ 1e-7, within 1% at initialisation.
+      ‖z‖ ≫ 1e-7. At initialisation the loss values agree within 1%, the
+      gradients do not: H's first outputs are tiny (‖z‖ ~ 1e-5), so at step 1
+      the heads' gradients differ from the cosine version's by 14-29% and G's
+      by 4-11% (‖z/(‖z‖ + 1e-7)‖ as low as 0.78 at tap 4). Adam's first step
+      moves every bias of H by about ±lr, which lifts ‖z‖ far above 1e-7: from
+      step 2 on every row has norm ≥ 0.99996 and the gradients agree to 1e-4.
   F14 Kept (SimDCL): L1Loss('sum') is a mean (Q24); the declared λ_NCE 2 is
       never applied (the preset says 1, Q25); nothing detached, fresh patch
       ids for the fakes (Q27); identity weight 1 (Q28). Changed: the mapping
       heads run at any batch size, S and E (Q26); identical at batch 1.
   F15 Changed (CycleGAN): upstream semantics, not the CUT/DCLGAN copies (Q36, Q37).
   F16 NEGCUT. Kept: H_ema's own random init (Q32); L_div on the last branch's
-      negatives (Q34). Changed: N uses --lr (the declared --lr_N is never
+      negatives (Q34); N makes --num_patches negatives per image and L_div
+      splits them in halves (an odd count, which the official code crashes
+      on, is refused). Changed: N uses --lr (the declared --lr_N is never
       read, Q29); in N's step only N has gradients (Q30, Q31); the EMA is
       written H̄ + 0.1·(H − H̄) (Q33); noise is drawn on the device (Q35).
   F17 Extensions, in no official code and off in every preset: --lambda_perc,
@@ -102,6 +109,16 @@ Faithfulness notes: every place this file differs from the official code
       see average_gradients). Each process draws its own patch ids, noise and
       flips and sees its share of A; PatchNCE, pooled negatives and image pools
       stay per process. Effective batch: processes × --batch_size; LR unscaled.
+  F20 Changed: every gradient is right at batch size 1. torch 2.13 and 2.14 on
+      the CPU compute instance norm's backward wrongly at batch 1 when the
+      incoming gradient has channels-last strides. The official patch sampler
+      (permute, then pick) sends exactly that into the ResNet blocks tapped for
+      PatchNCE, so the official code at batch 1 on these builds learns from a
+      wrong G gradient (one CUT step: 84% relative error, cosine 0.63; DCLGAN
+      and SimDCL worse). Here the sampler picks before it transposes and every
+      instance norm makes its incoming gradient contiguous (F20 at InstanceNorm),
+      which also covers NEGCUT's mean embedding and --fast's channels_last
+      convolutions. Forward values are unchanged.
 
 Not included: display servers, HTML pages, dataset downloads, UNet/StyleGAN generators,
 SinCUT, FID (run pytorch-fid on translate output), DataParallel, CUDA graphs, wandb.
@@ -303,6 +320,9 @@ class TrainConfig:
         if self.lambda_perc > 0 and not targets.get(self.mode, self.nce_idt and self.lambda_NCE > 0):
             raise UserError(f"--lambda_perc: --mode {self.mode} makes no identity image here to compare "
                             "with its input; use --lambda_perc_content (G(x) against x) instead")
+        if "negcut" in self.mode and self.num_patches % 2:
+            raise UserError(f"--num_patches {self.num_patches}: NEGCUT's diversity term splits "
+                            "the negatives into two halves; use an even number")
         if "negcut" in self.mode and self.nce_includes_all_negatives_from_minibatch:
             raise UserError("--nce_includes_all_negatives_from_minibatch: NEGCUT compares each "
                             "image with its own generated negatives only")
@@ -373,11 +393,29 @@ class Upsample(nn.Module):
         return y[:, :, 1:-1, 1:-1]
 
 
+class InstanceNorm(nn.InstanceNorm2d):
+    """Instance norm without affine parameters or running statistics: it has no
+    state at all, and it normalises each image alone, so concatenating images
+    into one batch never changes any output (the code relies on it).
+
+    Its backward gets a contiguous gradient (F20). In torch 2.13 and 2.14 on the
+    CPU, instance norm's backward is wrong at batch size 1 when the incoming
+    gradient has channels-last strides: a permuted patch sampler, NEGCUT's mean
+    embedding and every channels_last conv (--fast) send one. The hook makes it
+    contiguous first, which is free when it already is."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels, affine=False, track_running_stats=False)
+
+    def forward(self, x):
+        y = F.instance_norm(x, eps=self.eps)
+        if y.requires_grad:
+            y.register_hook(torch.Tensor.contiguous)
+        return y
+
+
 def norm(channels: int) -> nn.Module:
-    # Instance norm without affine parameters or running statistics: it has no
-    # state at all, and it normalises each image alone, so concatenating
-    # images into one batch never changes any output (the code relies on it).
-    return nn.InstanceNorm2d(channels, affine=False, track_running_stats=False)
+    return InstanceNorm(channels)
 
 
 class ResnetBlock(nn.Module):
@@ -558,12 +596,15 @@ class ProjectionHead(nn.Module):
         and passes their ids for the queries, so row i of both is one location."""
         out, ids_out = [], []
         for index, feat in enumerate(feats):
-            flat = feat.permute(0, 2, 3, 1).flatten(1, 2)     # n×(H·W)×C, row-major positions
+            flat = feat.flatten(2)                            # n×C×(H·W), row-major positions
             if patch_ids is None:
-                ids = torch.randperm(flat.shape[1], device=feat.device)[:num_patches]  # no host copy
+                ids = torch.randperm(flat.shape[2], device=feat.device)[:num_patches]  # no host copy
             else:
                 ids = patch_ids[index]
-            picked = flat[:, ids, :].flatten(0, 1)            # (n·S_l)×C
+            # Pick first, transpose after: the backward of this indexing writes
+            # into a fresh, contiguous gradient (the official permute-first
+            # order sends a channels-last one into the taps' instance norms, F20).
+            picked = flat[:, :, ids].transpose(1, 2).flatten(0, 1)  # (n·S_l)×C
             z = getattr(self, f"mlp_{index}")(picked)         # (n·S_l)×E
             out.append(unit(z))
             ids_out.append(ids)
@@ -584,12 +625,14 @@ class ProjectionHead(nn.Module):
 
 class NegativeGenerator(nn.Module):
     """NEGCUT's N [NEGCUT paper §3.2; official NEGCUT code, models/negative_generator.py]:
-    for each tapped layer and image, 256 negatives E-vectors made from the
-    image's mean embedding v (by the momentum head) and fresh noise z ~ N(0, I₆₄):
+    for each tapped layer and image, `count` negative E-vectors (--num_patches,
+    as in the official code: 256 by default) made from the image's mean
+    embedding v (by the momentum head) and fresh noise z ~ N(0, I₆₄):
         n_j = unit(MLP_l([v; z_j])),  MLP_l: Linear(E+64 → E), ReLU, Linear(E → E)
     so the negatives are specific to the image (v) and varied (z). Trained to
     make PatchNCE hard, they replace the other patches of the image.
-    L lists of n×E -> L tensors (n·256)×E, image-major. 739,840 parameters at E = 256."""
+    L lists of n×E -> L tensors (n·count)×E, image-major. 739,840 parameters
+    at E = 256 with 5 taps (147,968 per tap)."""
 
     def __init__(self, n_layers: int, width: int = 256, z_dim: int = 64, count: int = 256):
         super().__init__()
@@ -602,8 +645,8 @@ class NegativeGenerator(nn.Module):
         out = []
         for index, v in enumerate(means):                     # v: n×E
             z = torch.randn(v.shape[0], self.count, self.z_dim, device=v.device)  # fresh every call
-            code = torch.cat([v[:, None].expand(-1, self.count, -1), z], dim=2)   # n×256×(E+64)
-            y = getattr(self, f"mlp_{index}")(code.flatten(0, 1))                # (n·256)×E
+            code = torch.cat([v[:, None].expand(-1, self.count, -1), z], dim=2)   # n×count×(E+64)
+            y = getattr(self, f"mlp_{index}")(code.flatten(0, 1))                # (n·count)×E
             out.append(unit(y))
         return out
 
@@ -709,8 +752,8 @@ def patch_nce_loss(feat_q: torch.Tensor, feat_k: torch.Tensor, n_images: int,
     negatives of every query are then the patches of all images (DCLGAN's
     loss, official DCLGAN code, models/patchnce.py; equal to CUT's at n = 1).
     Deviation: DCLGAN computes cosine similarities; we take dot products of
-    the eps-normalised vectors, equal once ‖z‖ ≫ 1e-7 (within 1% at init,
-    where the raw outputs for the taps 4 and 8 have norms near 3e-5).
+    the eps-normalised vectors, equal once ‖z‖ ≫ 1e-7: from the second step
+    on; at the first the gradients differ (F13).
 
     hard_beta = β > 0 (an extension, --nce_hard_beta; Robinson et al., "Contrastive
     Learning with Hard Negative Samples", ICLR 2021, arXiv 2010.04592, without
@@ -793,14 +836,14 @@ def nce_between(source, output, G_key, H_key, G_query, H_query, cfg: TrainConfig
     return cfg.lambda_NCE * torch.stack(layer_losses).mean()
 
 
-def diversity_loss(negatives: list, lambda_ms: float) -> torch.Tensor:
+def diversity_loss(negatives: list, n_images: int, lambda_ms: float) -> torch.Tensor:
     """NEGCUT's diversity term for N [NEGCUT paper §3.2, Eq. 6 (mode seeking);
     official NEGCUT code, models/negcut_model.py]: the two halves of each image's
-    256 negatives come from independent noise, and N is rewarded for making
-    them differ, so it cannot collapse onto one hard negative:
-        L_div = (1/L)·Σ_l λ_MS·( −mean|N_l[:, :128] − N_l[:, 128:]| ),  N_l viewed n×256×E."""
-    halves = [negs.view(-1, 256, negs.shape[1]).chunk(2, dim=1) for negs in negatives]
-    terms = [-(first - second).abs().mean() for first, second in halves]  # n×128×E each
+    K negatives (K = N's count, --num_patches) come from independent noise, and
+    N is rewarded for making them differ, so it cannot collapse onto one hard negative:
+        L_div = (1/L)·Σ_l λ_MS·( −mean|N_l[:, :K/2] − N_l[:, K/2:]| ),  N_l viewed n×K×E."""
+    halves = [negs.view(n_images, -1, negs.shape[1]).chunk(2, dim=1) for negs in negatives]
+    terms = [-(first - second).abs().mean() for first, second in halves]  # n×(K/2)×E each
     return lambda_ms * torch.stack(terms).mean()
 
 
@@ -1054,7 +1097,7 @@ def build_networks(cfg: TrainConfig, device) -> dict:
     make = {"G": lambda: make_generator(cfg),
             "D": lambda: Discriminator(cfg.ndf, not cfg.no_antialias),
             "H": lambda: ProjectionHead(channels, cfg.netF_nc),
-            "N": lambda: NegativeGenerator(len(channels), cfg.netF_nc),
+            "N": lambda: NegativeGenerator(len(channels), cfg.netF_nc, count=cfg.num_patches),
             "M": lambda: MappingHead(len(cfg.layer_ids)),
             "p": lambda: ImagePool(cfg.pool_size, cfg.crop_size)}
     nets = {name: init_weights(make[name[0]](), cfg.init_type) for name in NETWORKS[cfg.mode]}
@@ -1165,7 +1208,7 @@ def cut_step(nets: dict, opts: dict, real_a, real_b, cfg: TrainConfig) -> dict:
         set_requires_grad(nets["N"], True)
         opts["N"].zero_grad(set_to_none=True)
         extras = {}                                           # L_div: last branch's negatives (Q34)
-        loss_N = -nce_both(True, extras)[2] + diversity_loss(extras["negatives"], cfg.lambda_MS_neg)
+        loss_N = -nce_both(True, extras)[2] + diversity_loss(extras["negatives"], n, cfg.lambda_MS_neg)
         loss_N.backward()
         opts["N"].step()
         set_requires_grad(nets["N"], False)
