@@ -345,7 +345,7 @@ def test_eps_normalisation_changes_the_first_gradients_only(mode):
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(dcl, "patch_nce_loss", loss)
             torch.manual_seed(1)
-            dcl.STEPS[mode](trial, dcl.build_optimizers(trial, cfg), real_a, real_b, cfg)
+            dcl.MODES[mode].step(trial, dcl.build_optimizers(trial, cfg), real_a, real_b, cfg)
         return {k: torch.cat([p.grad.flatten() for p in v.parameters()])
                 for k, v in trial.items() if k in ("G_ab", "G_ba", "H_a", "H_b")}
     for step in (1, 2):
@@ -360,7 +360,7 @@ def test_eps_normalisation_changes_the_first_gradients_only(mode):
         else:
             assert smallest >= 0.99996 and max(error.values()) < 2e-4, (smallest, error)
         torch.manual_seed(1)
-        dcl.STEPS[mode](nets, opts, real_a, real_b, cfg)
+        dcl.MODES[mode].step(nets, opts, real_a, real_b, cfg)
 
 
 def test_official_state_dict_loads_strictly(tmp_path):
@@ -388,7 +388,7 @@ def test_two_generator_parameter_counts_at_official_sizes():
         G, D, M = dcl.Generator(64, False, False), dcl.Discriminator(64, False), dcl.MappingHead()
         for mode in TWO_SIDED:
             nets = dcl.build_networks(dcl.resolve_config({"mode": mode, "dataroot": "x"})[0], "meta")
-            assert list(nets) == list(dcl.NETWORKS[mode])
+            assert list(nets) == list(dcl.MODES[mode].networks)
             totals[mode] = sum(dcl.count_parameters(net) for net in nets.values())
     assert [dcl.count_parameters(net) for net in (G, D, M)] == [11_378_179, 2_764_737, 10_688]
     assert totals == {"cyclegan": 28_285_832, "dcl": 29_272_968, "simdcl": 29_315_720}
@@ -607,7 +607,7 @@ def test_nce_between_known_answer_with_a_constant_head():
         torch.nn.init.zeros_(getattr(H, f"mlp_{l}")[2].weight)
         torch.nn.init.ones_(getattr(H, f"mlp_{l}")[2].bias)
     x, y = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
-    loss = dcl.nce_between(x, y, G, H, G, H, cfg).item()
+    loss = dcl.nce_between(x, y, G, H, cfg).loss.item()
     assert loss == pytest.approx(2.0 * (3 * math.log(100) + 2 * math.log(64)) / 5, rel=1e-5)
 
 
@@ -631,7 +631,7 @@ def test_nce_between_flip_back():
     losses = []
     for output, flip_back in ((out.flip(3), True), (out, False), (out.flip(3), False)):
         torch.manual_seed(1)
-        losses.append(dcl.nce_between(src, output, G, H, G, H, cfg, flip_back).item())
+        losses.append(dcl.nce_between(src, output, G, H, cfg, flip_back=flip_back).loss.item())
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
     assert losses[2] != pytest.approx(losses[1], rel=1e-2)   # without flip_back it differs
 
@@ -662,7 +662,7 @@ def test_whole_batch_negatives():
         for name, cfg in (("whole", whole), ("same", same)):
             torch.manual_seed(1)
             with torch.no_grad():
-                losses[name, n] = dcl.nce_between(x[:n], y[:n], G, H, G, H, cfg)
+                losses[name, n] = dcl.nce_between(x[:n], y[:n], G, H, cfg).loss
     assert torch.equal(losses["whole", 1], losses["same", 1])
     assert losses["whole", 2] > losses["same", 2]
 
@@ -750,7 +750,7 @@ def test_cut_step_losses(mode):
     torch.manual_seed(0)
     cfg = tiny_cfg(mode=mode)
     nets = dcl.build_networks(cfg, "cpu")
-    losses = dcl.cut_step(nets, dcl.build_optimizers(nets, cfg), torch.rand(1, 3, 32, 32),
+    losses = dcl.MODES[mode].step(nets, dcl.build_optimizers(nets, cfg), torch.rand(1, 3, 32, 32),
                           torch.rand(1, 3, 32, 32), cfg)
     assert set(losses) == LOSS_NAMES[mode]
     assert all(torch.isfinite(v) and not v.requires_grad for v in losses.values())
@@ -806,7 +806,8 @@ def test_dual_nce_pairing_rule():
     cfg = tiny_cfg(mode="dcl")
     nets = dcl.build_networks(cfg, "cpu")
     real_a, fake_b = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
-    dcl.nce_between(real_a, fake_b, nets["G_ab"], nets["H_a"], nets["G_ba"], nets["H_b"], cfg).backward()
+    dcl.nce_between(real_a, fake_b, nets["G_ab"], nets["H_a"], cfg, G_query=nets["G_ba"],
+                    H_query=nets["H_b"]).loss.backward()
     grads = gradients(nets)
     assert all(g is None or not g.any() for name in ("G_ab", "H_a") for g in grads[name])
     assert all(g is not None and g.any() for g in grads["H_b"])
@@ -842,7 +843,7 @@ def test_two_generator_step_losses(mode):
         else:
             expected.update(D_A=0.5 * ((1 - D_b(real_b)).relu().mean() + (1 + D_b(fake_b)).relu().mean()),
                             D_B=0.5 * ((1 - D_a(real_a)).relu().mean() + (1 + D_a(fake_a)).relu().mean()))
-    losses = dcl.STEPS[mode](nets, dcl.build_optimizers(nets, cfg), real_a, real_b, cfg)
+    losses = dcl.MODES[mode].step(nets, dcl.build_optimizers(nets, cfg), real_a, real_b, cfg)
     assert set(losses) == LOSS_NAMES[mode]
     assert all(v.shape == () and torch.isfinite(v) and not v.requires_grad for v in losses.values())
     for name, value in expected.items():
@@ -941,7 +942,7 @@ def test_two_generator_presets_and_networks():
     effective weight: the official λ_NCE 2 is never applied), λ_SIM 10, heads
     at --lr and --beta1. CycleGAN: lsgan, λ_IDT 0.5, λ_A = λ_B = 10, a pool of
     50, normal init, both antialias flags off, 100 + 100 epochs with crops in
-    the decay epochs. None of them runs CUT's identity NCE. NETWORKS lists each
+    the decay epochs. None of them runs CUT's identity NCE. MODES lists each
     mode's nets, and build_networks builds them: CycleGAN's G has the 28
     upstream entries, N(0, 0.02²) weights (a 32x32x3x3 resblock conv at ngf 8:
     9,216 draws, std within 5% of 0.02) and pools of 50 crop-size images."""
@@ -958,7 +959,7 @@ def test_two_generator_presets_and_networks():
             c.no_antialias_up, c.n_epochs, c.n_epochs_decay, c.crop_in_decay, c.nce_idt, c.lambda_SIM) == \
         ("lsgan", 0.5, 10.0, 10.0, 50, "normal", True, True, 100, 100, True, False, 0.0)
     assert not d.crop_in_decay and not s.crop_in_decay
-    assert {m: dcl.NETWORKS[m] for m in ONE_SIDED + TWO_SIDED} == {
+    assert {m: dcl.MODES[m].networks for m in ONE_SIDED + TWO_SIDED} == {
         "cut": ("G", "D", "H"), "fastcut": ("G", "D", "H"),
         "negcut": ("G", "D", "H", "N", "H_ema"), "fastnegcut": ("G", "D", "H", "N", "H_ema"),
         "dcl": ("G_ab", "G_ba", "D_a", "D_b", "H_a", "H_b"),
@@ -1231,7 +1232,7 @@ def test_resume_cyclegan_restores_the_image_pools(data, tmp_path, capsys):
                                        "--pool_size", 1)
     nets_a, nets_b = ckpt_a["nets"], ckpt_b["nets"]
     assert [nets[p]["_extra_state"] for nets in (nets_a, nets_b) for p in ("pool_a", "pool_b")] == [1] * 4
-    for net in dcl.NETWORKS["cyclegan"]:
+    for net in dcl.MODES["cyclegan"].networks:
         assert nets_a[net].keys() == nets_b[net].keys()
         assert all(torch.equal(nets_a[net][k], nets_b[net][k]) for k in nets_a[net] if k != "_extra_state")
 
@@ -1471,7 +1472,7 @@ def test_mean_embedding_equals_a_slow_reference():
     torch.manual_seed(0)
     H = dcl.ProjectionHead([3, 4], 8)
     feats = [torch.randn(2, 3, 5, 4), torch.randn(2, 4, 3, 3)]
-    got = H.mean_embedding(feats)
+    got = dcl.mean_embedding(H, feats)
     assert [g.shape for g in got] == [(2, 8), (2, 8)]
     for l, f in enumerate(feats):
         for b in range(2):
@@ -1546,20 +1547,20 @@ def test_negcut_makes_num_patches_negatives(monkeypatch):
     real_a, real_b = (torch.rand(2, 3, 32, 32) * 2 - 1 for _ in "ab")
     copies = copy.deepcopy(nets)
     torch.manual_seed(7)
-    losses = dcl.cut_step(nets, opts, real_a, real_b, cfg)
+    losses = dcl.negcut_step(nets, opts, real_a, real_b, cfg)
     torch.manual_seed(7)
     G, H = copies["G"], copies["H"]
-    first, last = {}, {}
     with torch.no_grad():
         y = G(torch.cat([real_a, real_b]))
-        nce = dcl.nce_between(real_a, y[:2], G, H, G, H, cfg, negcut=copies, extras=first)
-        nce_y = dcl.nce_between(real_b, y[2:], G, H, G, H, cfg, negcut=copies, extras=last)
-    assert [n.shape for n in last["negatives"]] == [(20, 16)] * 5
+        negatives = dcl.generated_negatives(copies)
+        nce = dcl.nce_between(real_a, y[:2], G, H, cfg, negatives=negatives)
+        last = dcl.nce_between(real_b, y[2:], G, H, cfg, negatives=negatives)
+    assert [n.shape for n in last.negatives] == [(20, 16)] * 5
     terms = []
-    for negs in last["negatives"]:                            # (2·10)×16, image-major
+    for negs in last.negatives:                            # (2·10)×16, image-major
         diffs = [(negs[b * 10 + j] - negs[b * 10 + 5 + j]).abs() for b in range(2) for j in range(5)]
         terms.append(-torch.stack(diffs).mean())
-    expected = -0.5 * (nce + nce_y) + torch.stack(terms).mean()
+    expected = -0.5 * (nce.loss + last.loss) + torch.stack(terms).mean()
     assert losses["N"].item() == pytest.approx(expected.item(), rel=1e-6)
     with pytest.raises(dcl.UserError, match="num_patches 9"):
         tiny_cfg(mode="fastnegcut", num_patches=9)
@@ -1583,21 +1584,21 @@ def test_negcut_n_step_objective():
     cfg, nets, opts, real_a, real_b = negcut_setup()
     copies = copy.deepcopy(nets)
     torch.manual_seed(7)
-    losses = dcl.cut_step(nets, opts, real_a, real_b, cfg)
+    losses = dcl.negcut_step(nets, opts, real_a, real_b, cfg)
     torch.manual_seed(7)
     G, H = copies["G"], copies["H"]
-    first, last = {}, {}
     with torch.no_grad():
         y = G(torch.cat([real_a, real_b]))
-        nce = dcl.nce_between(real_a, y[:1], G, H, G, H, cfg, negcut=copies, extras=first)
-        nce_y = dcl.nce_between(real_b, y[1:], G, H, G, H, cfg, negcut=copies, extras=last)
+        negatives = dcl.generated_negatives(copies)
+        first = dcl.nce_between(real_a, y[:1], G, H, cfg, negatives=negatives)
+        last = dcl.nce_between(real_b, y[1:], G, H, cfg, negatives=negatives)
 
     def div(negatives):                                       # L_div at λ_MS 1, E = 16, K = 16
         halves = [n.view(1, 16, 16) for n in negatives]
         return -torch.stack([(h[:, :8] - h[:, 8:]).abs().mean() for h in halves]).mean()
-    expected = -0.5 * (nce + nce_y) + div(last["negatives"])
+    expected = -0.5 * (first.loss + last.loss) + div(last.negatives)
     assert losses["N"].item() == pytest.approx(expected.item(), rel=1e-6)
-    assert div(first["negatives"]).item() != pytest.approx(div(last["negatives"]).item(), rel=1e-4)
+    assert div(first.negatives).item() != pytest.approx(div(last.negatives).item(), rel=1e-4)
 
 
 def test_negcut_sign_test():
@@ -1612,21 +1613,22 @@ def test_negcut_sign_test():
 
     def nce(**kw):
         torch.manual_seed(100)
-        return dcl.nce_between(real_a, G(real_a), G, H, G, H, cfg, negcut=nets, **kw)
+        return dcl.nce_between(real_a, G(real_a), G, H, cfg,
+                               negatives=dcl.generated_negatives(nets), **kw)
     with torch.no_grad():
-        start = nce().item()
+        start = nce().loss.item()
     torch.manual_seed(100)
-    extras = {}
-    (-nce(n_step=True, extras=extras) + dcl.diversity_loss(extras["negatives"], 1, cfg.lambda_MS_neg)).backward()
+    ascent = nce(negatives_only=True)
+    (-ascent.loss + dcl.diversity_loss(ascent.negatives, 1, cfg.lambda_MS_neg)).backward()
     opts["N"].step()
     with torch.no_grad():
-        harder = nce().item()
+        harder = nce().loss.item()
     nets["N"].requires_grad_(False)
-    nce().backward()
+    nce().loss.backward()
     opts["G"].step()
     opts["H"].step()
     with torch.no_grad():
-        easier = nce().item()
+        easier = nce().loss.item()
     assert harder > start + 1 and easier < harder - 1, (start, harder, easier)
 
 
@@ -1640,7 +1642,7 @@ def test_negcut_step_gradient_routing():
     seen = {}
     spy_on_step(opts, "N", lambda: seen.update(at_N=gradients(nets)))
     spy_on_step(opts, "G", lambda: seen.update(at_G=gradients(nets)))
-    dcl.cut_step(nets, opts, real_a, real_b, cfg)
+    dcl.negcut_step(nets, opts, real_a, real_b, cfg)
     assert all(g is not None and g.any() for g in seen["at_N"]["N"])
     assert all(g is None for name in ("G", "H", "H_ema") for g in seen["at_N"][name])
     assert all(torch.equal(a, b) for a, b in zip(seen["at_N"]["N"], seen["at_G"]["N"]))
@@ -1663,16 +1665,16 @@ def test_negcut_gradient_reaches_the_key_encoder():
     G_key, G, H = copy.deepcopy(nets["G"]), nets["G"], nets["H"]
     fake_b = G(real_b).detach()
     first_conv = {}
-    for case, kw in (("negcut", dict(negcut=nets)), ("cut", {})):
+    for case, kw in (("negcut", dict(negatives=dcl.generated_negatives(nets))), ("cut", {})):
         G_key.zero_grad(set_to_none=True)
-        dcl.nce_between(real_a, fake_b, G_key, H, G, H, cfg, **kw).backward()
+        dcl.nce_between(real_a, fake_b, G_key, H, cfg, G_query=G, **kw).loss.backward()
         first_conv[case] = G_key.model[1].weight.grad
     assert all(p.grad is None for p in nets["N"].parameters())
     nets["N"].requires_grad_(True)
     G_key.zero_grad(set_to_none=True)
-    extras = {}
-    loss_N = -dcl.nce_between(real_a, fake_b, G_key, H, G, H, cfg, negcut=nets, n_step=True, extras=extras)
-    (loss_N + dcl.diversity_loss(extras["negatives"], 1, 1.0)).backward()
+    ascent = dcl.nce_between(real_a, fake_b, G_key, H, cfg, G_query=G,
+                             negatives=dcl.generated_negatives(nets), negatives_only=True)
+    (-ascent.loss + dcl.diversity_loss(ascent.negatives, 1, 1.0)).backward()
     assert first_conv["negcut"] is not None and first_conv["negcut"].any()
     assert first_conv["cut"] is None and G_key.model[1].weight.grad is None
     assert all(p.grad is None for p in nets["H_ema"].parameters())
@@ -1686,7 +1688,7 @@ def test_negcut_ema_update():
     H, H_ema = nets["H"], nets["H_ema"]
     assert not any(torch.equal(a, b) for a, b in zip(H.parameters(), H_ema.parameters()) if a.any())
     old = [p.detach().clone() for p in H_ema.parameters()]
-    dcl.cut_step(nets, opts, real_a, real_b, cfg)
+    dcl.negcut_step(nets, opts, real_a, real_b, cfg)
     for before, after, h in zip(old, H_ema.parameters(), H.parameters()):
         assert torch.allclose(after, 0.9 * before + 0.1 * h, atol=1e-6)
         assert not torch.equal(after, before) or not h.any()
@@ -1720,8 +1722,8 @@ def test_resume_negcut(data, tmp_path, capsys):
     ckpt_a, ckpt_b = whole_and_resumed(capsys, tmp_path, "negcut", "--dataroot", data,
                                        "--display_freq", 100)
     nets_a, nets_b = ckpt_a["nets"], ckpt_b["nets"]
-    assert set(nets_a) == set(dcl.NETWORKS["negcut"]) and set(ckpt_a["optimizers"]) == {"G", "D", "H", "N"}
-    for net in dcl.NETWORKS["negcut"]:
+    assert set(nets_a) == set(dcl.MODES["negcut"].networks) and set(ckpt_a["optimizers"]) == {"G", "D", "H", "N"}
+    for net in dcl.MODES["negcut"].networks:
         assert all(torch.equal(nets_a[net][k], nets_b[net][k]) for k in nets_a[net]), net
 
 
@@ -1866,7 +1868,7 @@ def test_train_with_perceptual_loss(mode, fast_vgg, data, tmp_path, capsys):
     rows = read_log(tmp_path / "r")
     assert len(rows) == 2 and all(math.isfinite(r["perc"]) and r["perc"] > 0 for r in rows)
     ckpt = torch.load(tmp_path / "r" / "ckpt_latest.pt", weights_only=True)
-    assert set(ckpt["nets"]) == set(dcl.NETWORKS[mode])
+    assert set(ckpt["nets"]) == set(dcl.MODES[mode].networks)
     assert set(ckpt["optimizers"]) == ({"G", "D"} if mode == "cyclegan" else {"G", "D", "H"})
     assert (ckpt["config"]["lambda_perc"], ckpt["config"]["lambda_perc_content"]) == (1.0, 0.5)
 
@@ -1885,7 +1887,7 @@ def test_perceptual_step_leaves_vgg_frozen(mode, fast_vgg):
     assert not any(id(p) in owned for p in vgg.parameters())
     spy_on_step(opts, "G", lambda: seen.update(vgg=gradients({"vgg": vgg})["vgg"]))
     real_a, real_b = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
-    losses = dcl.STEPS[mode](nets, opts, real_a, real_b, cfg)
+    losses = dcl.MODES[mode].step(nets, opts, real_a, real_b, cfg)
     assert losses["perc"] > 0 and all(g is None for g in seen["vgg"]) and not vgg.training
     assert all(torch.equal(p, old) for p, old in zip(vgg.parameters(), before))
 
@@ -1949,7 +1951,7 @@ def test_perceptual_pairs_of_each_step(mode):
                 out.update(rec_a=G_ba(out["fake_b"]), rec_b=G_ab(out["fake_a"]))
                 expected += [("rec_a", "real_a", False, 1.0), ("rec_b", "real_b", False, 1.0)]
             expected += [("fake_b", "real_a", True, 0.25), ("fake_a", "real_b", True, 0.25)]
-    losses = dcl.STEPS[mode](nets, opts, real["real_a"], real["real_b"], cfg)
+    losses = dcl.MODES[mode].step(nets, opts, real["real_a"], real["real_b"], cfg)
     assert len(vgg.calls) == len(expected)
     total = 0.0
     for (output, target, content), (out_name, target_name, is_content, weight) in zip(vgg.calls, expected):
@@ -2275,14 +2277,14 @@ def test_checkpoint_contents_load_weights_only(mode, runs):
     """§9: every mode's ckpt_latest.pt loads with torch.load(weights_only=True) (tensors
     and plain values only) and holds exactly format, version, mode, config, nets,
     optimizers, step, epoch, epoch_step, world (processes) and rng: after `--max_steps 2` on 4 items,
-    step 2 of epoch 1; nets are the mode's NETWORKS, the optimisers its families,
+    step 2 of epoch 1; nets are the mode's networks, the optimisers its families,
     the config a complete TrainConfig, the RNG states torch, python and numpy."""
     ckpt = torch.load(runs(mode)[1] / "ckpt_latest.pt", weights_only=True)
     assert set(ckpt) == {"format", "version", "mode", "config", "nets", "optimizers", "step", "epoch",
                          "epoch_step", "world", "rng"}
     assert (ckpt["format"], ckpt["version"], ckpt["mode"], ckpt["step"], ckpt["epoch"], ckpt["epoch_step"]) \
         == ("dcl.py checkpoint", 1, mode, 2, 1, 2)
-    assert set(ckpt["nets"]) == set(dcl.NETWORKS[mode])
+    assert set(ckpt["nets"]) == set(dcl.MODES[mode].networks)
     families = {"cyclegan": {"G", "D"}, "negcut": {"G", "D", "H", "N"}, "fastnegcut": {"G", "D", "H", "N"}}
     assert set(ckpt["optimizers"]) == families.get(mode, {"G", "D", "H"})
     assert dataclasses.asdict(dcl.TrainConfig(**ckpt["config"])) == ckpt["config"]
@@ -2417,7 +2419,7 @@ def test_instance_norm_gradient_is_right_for_a_channels_last_gradient(monkeypatc
     def gradients():
         bare, = torch.autograd.grad(layer(x), x, g)
         sampled, = torch.autograd.grad((head([layer(x)], 5, ids)[0][0] * weights).sum(), x)
-        mean, = torch.autograd.grad((head.mean_embedding([layer(x)])[0] * weights[0]).sum(), x)
+        mean, = torch.autograd.grad((dcl.mean_embedding(head, [layer(x)])[0] * weights[0]).sum(), x)
         return bare, sampled, mean
     got = gradients()
     monkeypatch.setattr(dcl.InstanceNorm, "forward", reference_instance_norm)
@@ -2445,7 +2447,7 @@ def step_gradients(mode, batch, fast, autocast=True, instance_norm=None, monkeyp
             patch.setattr(dcl.InstanceNorm, "forward", instance_norm)
         torch.manual_seed(1)
         with torch.autocast("cpu", torch.bfloat16, enabled=on and autocast):
-            dcl.STEPS[mode](nets, opts, real_a, real_b, cfg)
+            dcl.MODES[mode].step(nets, opts, real_a, real_b, cfg)
     return {name: torch.cat([p.grad.flatten().float() for p in net.parameters() if p.grad is not None])
             for name, net in nets.items() if any(p.grad is not None for p in net.parameters())}
 
@@ -2516,7 +2518,7 @@ def test_fast_path_matches_the_exact_step(mode):
                           for _ in "ab")
         torch.manual_seed(1)
         with torch.autocast("cpu", torch.bfloat16, enabled=on):
-            results[fast] = dcl.STEPS[mode](nets, opts, real_a, real_b, cfg)
+            results[fast] = dcl.MODES[mode].step(nets, opts, real_a, real_b, cfg)
         nhwc = [p.is_contiguous(memory_format=torch.channels_last)
                 for net in nets.values() for p in net.parameters() if p.dim() == 4]
         assert all(nhwc) if on else not any(nhwc)
@@ -2570,7 +2572,7 @@ def step_with_keys(mode, keys):
     seen, calls, nce, encode = {}, {"encode": 0, "nce": 0}, dcl.nce_between, dcl.Generator.encode
     signature = inspect.signature(nce)
 
-    def patched_nce(*args, **kwargs):                         # cut_step passes feat_k by position
+    def patched_nce(*args, **kwargs):                         # the steps pass feat_k by keyword
         bound = signature.bind(*args, **kwargs)
         bound.arguments["feat_k"] = keys(bound.arguments.get("feat_k"))
         calls["nce"] += 1
@@ -2583,7 +2585,7 @@ def step_with_keys(mode, keys):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(dcl, "nce_between", patched_nce)
         patch.setattr(dcl.Generator, "encode", counted_encode)
-        losses = dcl.STEPS[mode](nets, opts, torch.rand(2, 3, 32, 32) * 2 - 1,
+        losses = dcl.MODES[mode].step(nets, opts, torch.rand(2, 3, 32, 32) * 2 - 1,
                                  torch.rand(2, 3, 32, 32) * 2 - 1, cfg)
     return losses, seen, calls
 
@@ -2686,7 +2688,7 @@ for mode in ("cut", "dcl"):
             lambda opt, *_: d_grads.append(flat(p.grad for p in opt.param_groups[0]["params"])))
         torch.manual_seed(100 + rank)                         # own images, patch ids
         real_a, real_b = (torch.rand(1, 3, 32, 32) * 2 - 1 for _ in "ab")
-        dcl.STEPS[mode](nets, opts, real_a, real_b, cfg)
+        dcl.MODES[mode].step(nets, opts, real_a, real_b, cfg)
         after, d = gathered(flat(params)), gathered(d_grads[0])
         result[f"{mode} {'averaged' if averaged else 'alone'}"] = dict(
             same_init=all(torch.equal(b, before) for b in gathered(before)),
@@ -2783,7 +2785,7 @@ BENCH_KEYS = {"mode", "device", "batch_size", "crop_size", "s_per_iter", "images
 
 
 def test_bench_prints_one_json_line_per_mode(capsys, monkeypatch):
-    """§11: `bench` times the mode's real step (dcl.STEPS, counted here): the first
+    """§11: `bench` times the mode's real step (dcl.MODES[mode].step, counted here): the first
     call is the FLOP count, then --warmup, then --steps timed calls, and prints one
     JSON line per mode on stdout (the human line goes to stderr) with at least the
     keys mode, device, batch_size, crop_size, s_per_iter, images_per_s,
@@ -2792,8 +2794,9 @@ def test_bench_prints_one_json_line_per_mode(capsys, monkeypatch):
     batch / s_per_iter (both are rounded: 1e-3). --mode all gives one line per mode
     of dcl.MODES, in that order; --mode nope is one "error:" line and exit 2."""
     calls = Counter()
-    for mode, step in dcl.STEPS.items():
-        monkeypatch.setitem(dcl.STEPS, mode, lambda *a, m=mode, step=step: (calls.update([m]), step(*a))[1])
+    for mode, spec in dcl.MODES.items():
+        counted = spec._replace(step=lambda *a, m=mode, step=spec.step: (calls.update([m]), step(*a))[1])
+        monkeypatch.setitem(dcl.MODES, mode, counted)
     tiny = ["--crop_size", 32, "--ngf", 8, "--ndf", 8, "--netF_nc", 16, "--num_patches", 16,
             "--device", "cpu"]
     code, out, err = main_in_process(capsys, "bench", "--mode", "cut", *tiny, "--batch_size", 2,
@@ -2831,11 +2834,11 @@ def test_fast_step_never_synchronises_with_the_host(mode):
     real_a, real_b = (torch.rand(1, 3, 64, 64, device=device).mul(2).sub(1)
                       .contiguous(memory_format=torch.channels_last) for _ in "ab")
     with torch.autocast("cuda", torch.bfloat16):
-        dcl.STEPS[mode](nets, opts, real_a, real_b, cfg)     # warm-up: lazy init, cuDNN plans
+        dcl.MODES[mode].step(nets, opts, real_a, real_b, cfg)     # warm-up: lazy init, cuDNN plans
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            losses = dcl.STEPS[mode](nets, opts, real_a, real_b, cfg)
+            losses = dcl.MODES[mode].step(nets, opts, real_a, real_b, cfg)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert all(torch.isfinite(v) for v in losses.values())
