@@ -291,6 +291,8 @@ class InstanceNorm(nn.InstanceNorm2d):
 
 
 def norm(channels: int) -> nn.Module:
+    # The one place where the networks get their normalisation layer; a test
+    # swaps it for the identity to measure receptive fields through the convolutions alone.
     return InstanceNorm(channels)
 
 
@@ -313,7 +315,11 @@ class ResnetBlock(nn.Module):
 def init_weights(net: nn.Module, init_type: str = "xavier", gain: float = 0.02) -> nn.Module:
     """Every conv and linear weight, biases 0. CUT lineage (--init_type xavier
     --init_gain 0.02): xavier_normal, std = 0.02·√(2/(fan_in+fan_out)), so an
-    untrained G outputs an almost uniform grey. Upstream CycleGAN: N(0, 0.02²)."""
+    untrained G outputs an almost uniform grey. Upstream CycleGAN: N(0, 0.02²).
+    The instance norms rescale every normalised layer, so the small weights do
+    not starve G's inner features; what stays small at first is what no norm
+    follows: G's last conv (hence the grey), D's last conv (scores near 0) and
+    the heads' outputs (F13). Every network of every mode is built this way."""
     for module in net.modules():
         if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
             if init_type == "xavier":
@@ -333,7 +339,10 @@ def set_requires_grad(net: nn.Module, flag: bool) -> None:
 
 def unit(z: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """z/(‖z‖ + 1e-7) along dim, in fp32 even under bf16 autocast (--fast): the
-    official code adds the eps rather than clamping the norm, and so do we."""
+    official code adds the eps rather than clamping the norm, and so do we.
+    The contrastive losses compare directions, not lengths: on unit vectors a
+    dot product is a cosine similarity, in [−1, 1], and the temperature τ alone
+    sets how sharp the softmax over them is."""
     z = z.float()
     return z / (z.norm(dim=dim, keepdim=True) + 1e-7)
 
@@ -619,8 +628,8 @@ def patch_nce_loss(feat_q: torch.Tensor, feat_k: torch.Tensor, groups: int,
     dtype = torch.promote_types(feat_q.dtype, torch.float32)  # logits in fp32 at least: 1/τ ≈ 14
     feat_k, feat_q = feat_k.detach().to(dtype), feat_q.to(dtype)  # amplifies rounding errors
     l_pos = (feat_q * feat_k).sum(dim=1, keepdim=True)        # (n·S)×1
-    q = feat_q.view(groups, -1, feat_q.shape[1])              # groups×S×E
-    if negatives is None:                                     # the group's other keys: groups×S×S
+    q = feat_q.view(groups, -1, feat_q.shape[1])              # groups×P×E, P = n·S/groups
+    if negatives is None:                                     # the group's other keys: groups×P×P
         k = feat_k.view(groups, -1, feat_k.shape[1])
         l_neg = torch.bmm(q, k.transpose(1, 2))
         diagonal = torch.eye(q.shape[1], dtype=torch.bool, device=q.device)[None]
@@ -628,13 +637,17 @@ def patch_nce_loss(feat_q: torch.Tensor, feat_k: torch.Tensor, groups: int,
     else:                                                     # NEGCUT's: n×S×K
         negs = negatives.to(dtype).view(groups, -1, negatives.shape[1])
         l_neg = torch.bmm(q, negs.transpose(1, 2))
-    l_neg = l_neg.flatten(0, 1)                               # (n·S)×S or (n·S)×K
+    l_neg = l_neg.flatten(0, 1)                               # (n·S)×P or (n·S)×K
     logits = torch.cat([l_pos, l_neg], dim=1) / tau           # class 0 is the positive
     if hard_beta and negatives is None:
-        real = ~diagonal.expand(q.shape[0], -1, -1).flatten(0, 1)  # (n·S)×S, False on the diagonal
+        # The weights enter as log w_j added to negative j's logit, over the N
+        # real negatives of each row: log w_j = β·s_j − log Σ_m exp(β·s_m) + log N.
+        real = ~diagonal.expand(q.shape[0], -1, -1).flatten(0, 1)  # (n·S)×P, not the diagonal
         scores = (hard_beta * l_neg.detach()).masked_fill(~real, -math.inf)
-        log_w = scores - torch.logsumexp(scores, 1, keepdim=True) + real.sum(1, keepdim=True).log()
-        logits = logits + F.pad(log_w.masked_fill(~real, 0.0), (1, 0))  # positive column unweighted
+        n_real = real.sum(1, keepdim=True)                    # N in each row
+        log_w = scores - torch.logsumexp(scores, 1, keepdim=True) + n_real.log()
+        log_w = log_w.masked_fill(~real, 0.0)                 # the masked diagonal: unweighted
+        logits = logits + F.pad(log_w, (1, 0))                # the positive's column: unweighted
     target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     return F.cross_entropy(logits, target, reduction="none")
 
@@ -691,17 +704,22 @@ def nce_between(source, output, G, H, cfg, *, G_query=None, H_query=None, feat_k
 #                                                              [CUT paper §3.2, Eq. 5]
 # The adversarial term makes G(x) look like a B image. The first PatchNCE term
 # ties each patch of G(x) to the patch of x at its place, so the content stays.
-# The second, on y → G(y) for B images y, is an identity term that asks G to
-# leave a B image alone; the paper found it stabilises training, much as
-# CycleGAN's identity term does. FastCUT drops it (half the generator work)
-# and instead raises λ_X to 10 and adds flip-equivariance: at random the input
-# is flipped left-right, and the NCE asks that G(flip(x)) = flip(G(x)).
+# The second, on y → G(y) for B images y, keeps G from changing what needs no
+# change: the paper calls it a learned, domain-specific form of the identity
+# loss of earlier methods (CUT paper §3.2). λ_X = λ_Y = 1 in CUT.
+# FastCUT (the paper's lighter variant) drops the second term, which halves the
+# generator work, raises λ_X to 10, and adds flip-equivariance: on half the
+# steps the input is flipped left-right, and the NCE then asks that
+# G(flip(x)) = flip(G(x)), a cheap constraint in place of the identity term.
 # The official code averages the two NCE terms (×0.5 each) where the paper
 # adds them; the presets' λ refer to the code.
 #
 # One iteration, in order: the forward pass (cut_forward), D's step, then G's
 # and H's step (cut_generator_step). NEGCUT (§7) runs the same three pieces
-# with a step of its own in between.
+# with a step of its own in between. The forward pass is done once and shared:
+# D's step sees fake_b detached, G's step backpropagates through it. Two
+# savings, both exact (F9): real_a and real_b go through G as one batch, and
+# the keys are that pass's activations at the taps (§2).
 
 class CutForward(NamedTuple):
     """The forward pass of one CUT-lineage step."""
@@ -750,7 +768,9 @@ def cut_nce(nets, forward: CutForward, real_a, real_b, cfg, **switches) -> tuple
 
 
 def combined_nce(nce_x, nce_y, zero) -> torch.Tensor:
-    """0.5·(NCE + NCE_Y) with the identity term, NCE alone without it (official)."""
+    """0.5·(NCE + NCE_Y) with the identity term, NCE alone without it (official).
+    The average keeps the NCE's share of L_G the same with or without the
+    identity term, so λ_NCE means the same in CUT and in FastCUT."""
     if nce_x is None:
         return zero
     return nce_x.loss if nce_y is None else 0.5 * (nce_x.loss + nce_y.loss)
@@ -1090,12 +1110,16 @@ def negcut_step(nets: dict, opts: dict, real_a, real_b, cfg) -> dict:
 # G_ab and G_ba, and no contrastive loss. Content is kept by cycle consistency:
 # translating there and back should give the input again, |G_ba(G_ab(a)) − a|,
 # which rules out mappings that throw the content away but assumes the mapping
-# can be inverted. An identity term (§5.2 of the paper, taken from Taigman et al.)
-# asks each generator to leave images of its output domain alone; the paper
-# found it keeps colours from drifting (its Monet→photo example). D is shown a
-# history of fakes (the image pool) rather than only the latest ones. Upstream
-# CycleGAN uses the stride-2 G and D and N(0, 0.02) weights, and updates G
-# before D (F15).
+# can be inverted. (That assumption is what CUT drops: a zebra's stripes need
+# not say how to paint the horse back.) An identity term (CycleGAN paper §5.2,
+# after Taigman et al.) asks each generator to leave images of its output
+# domain alone; the paper found it keeps colours from drifting (its
+# Monet→photo example). D is shown a history of fakes, the image pool, rather
+# than only the latest ones. The weights: λ_A = λ_B = 10 for the cycles, and
+# the identity term at λ_idt = 0.5 of them, 5 in all.
+# Upstream CycleGAN uses the stride-2 G and D and N(0, 0.02) weights, and it
+# updates G before D, where the CUT lineage does D first (F15): D then learns
+# from this step's fakes, made before G's update, mixed with older ones by the pool.
 
 class ImagePool(nn.Module):
     """CycleGAN's history of generated images (Shrivastava et al. 2017): D is
@@ -1118,13 +1142,15 @@ class ImagePool(nn.Module):
             if self.count < capacity:
                 self.images[self.count] = image
                 self.count += 1
-            elif float(torch.rand(())) < 0.5:
+            elif float(torch.rand(())) < 0.5:                # half the time an old fake
                 slot = int(torch.randint(capacity, ()))
                 image, self.images[slot] = self.images[slot].clone(), image
             out.append(image)
         return torch.stack(out)
 
     def get_extra_state(self):
+        """The fill count travels in the state dict too (key `_extra_state`), so
+        a continued run goes on with the same history."""
         return self.count
 
     def set_extra_state(self, count):
@@ -1139,13 +1165,19 @@ def cyclegan_step(nets: dict, opts: dict, real_a, real_b, cfg) -> dict:
       1. Forward: fake_b = G_ab(real_a), fake_a = G_ba(real_b), the
          reconstructions rec_a = G_ba(fake_b), rec_b = G_ab(fake_a), and the
          identity images idt_b = G_ab(real_b), idt_a = G_ba(real_a).
-      2. G step, D frozen: L_G below.
-      3. D step on fakes drawn from the image pools (pool_size 50).
+      2. G step, D frozen:
+         L_G = lsgan(D_b(fake_b)) + lsgan(D_a(fake_a))
+             + λ_A·mean|rec_a − real_a| + λ_B·mean|rec_b − real_b|           (cycle)
+             + λ_idt·λ_B·mean|idt_b − real_b| + λ_idt·λ_A·mean|idt_a − real_a| (identity)
+         one backward through both generators, one Adam step for G_ab ∪ G_ba.
+      3. D step on fakes drawn from the image pools (pool_size 50), both Ds
+         under one Adam: L_D = 0.5·[lsgan(D(real), real) + lsgan(D(pool(fake)), fake)].
     Returns the losses under the official log names (A names the generator:
     D_A is our D_b, cycle_A the cycle that starts from real_a)."""
     use_idt = cfg.lambda_IDT > 0
-    out = translate_both(nets, real_a, real_b, use_idt)                    # 1.
+    out = translate_both(nets, real_a, real_b, use_idt)                    # 1. (no taps: no NCE)
     G_ab, G_ba, D_a, D_b = (nets[k] for k in ("G_ab", "G_ba", "D_a", "D_b"))
+    # The reconstructions: each fake translated back to the domain it came from.
     rec_a, rec_b = G_ba(out.fake_b), G_ab(out.fake_a)                       # n×3×h×w each
 
     set_requires_grad(D_a, False)                                          # 2. D frozen: G's
@@ -1170,7 +1202,8 @@ def cyclegan_step(nets: dict, opts: dict, real_a, real_b, cfg) -> dict:
     loss_G.backward()
     opts["G"].step()
 
-    (loss_D_b_real, loss_D_b_fake), (loss_D_a_real, loss_D_a_fake) = discriminator_step(  # 3.
+    # 3. D's step on fakes from the pools, which store and return detached images.
+    (loss_D_b_real, loss_D_b_fake), (loss_D_a_real, loss_D_a_fake) = discriminator_step(
         opts["D"], [(D_b, real_b, nets["pool_b"](out.fake_b)),
                     (D_a, real_a, nets["pool_a"](out.fake_a))], cfg)
     losses = dict(D_A=0.5 * (loss_D_b_real + loss_D_b_fake), G_A=loss_gan_ab,
@@ -1194,6 +1227,10 @@ def cyclegan_step(nets: dict, opts: dict, real_a, real_b, cfg) -> dict:
 # originals (--lambda_perc), and, behind its own switch, G(x) against x at one
 # deep layer (--lambda_perc_content), where features say what is where rather
 # than how it looks, so the appearance may still change.
+# VGG stays frozen: were it trained with G, it could learn to stop seeing the
+# differences it is meant to measure. Its ImageNet weights are read from a local
+# file (torchvision's cache or --vgg_weights); nothing is downloaded, and a
+# missing file stops the run before it starts (F17).
 
 VGG_LAYERS = {"relu1_2": 3, "relu2_2": 8, "relu3_3": 15, "relu4_3": 22}  # torchvision indices
 VGG_WEIGHTS = {"relu1_2": 1 / 16, "relu2_2": 1 / 8, "relu3_3": 1 / 4, "relu4_3": 1.0}
@@ -1201,18 +1238,21 @@ VGG_FILE = "vgg16-397923af.pth"                           # torchvision's IMAGEN
 
 
 def vgg16(weights=None) -> nn.Module:
-    """torchvision's VGG16; torchvision is imported here only, to keep start-up fast."""
+    """torchvision's VGG16; torchvision is imported here only, to keep start-up fast.
+    Always called with weights=None: the weights come from a local file, never
+    from torchvision's downloader."""
     from torchvision.models import vgg16 as build
     return build(weights=weights)
 
 
 class Perceptual(nn.Module):
     """L_perc(a, b) = Σ_l w_l·mean|φ_l(a) − φ_l(b)| over VGG_LAYERS with VGG_WEIGHTS
-    (deeper layers have smaller activations, hence larger weights), or at
+    (the shallow layers, which see pixel-level detail, weigh least), or at
     relu4_3 alone (content). φ = VGG16 `features` up to relu4_3, frozen: eval
     mode, no gradients into it, never in an optimiser or a checkpoint. Inputs
     n×3×h×w in [−1, 1] are mapped to [0, 1] and normalised with the ImageNet
-    mean and std, the input VGG16 was trained on."""
+    mean and std, the input VGG16 was trained on. The target b is a real image:
+    it gets no gradient; both images go through VGG in one batch."""
 
     def __init__(self, weights: str):
         super().__init__()
@@ -1222,6 +1262,8 @@ class Perceptual(nn.Module):
                             f"{path} not found. Nothing is downloaded: on a networked machine run "
                             "torchvision.models.vgg16(weights='IMAGENET1K_V1') once, then copy the "
                             f"file to {path.parent} or pass --vgg_weights PATH")
+        # Only the layers up to relu4_3 are ever used. torchvision's file holds
+        # features.N and classifier.N keys; a file of `features` alone loads too.
         self.features = vgg16(weights=None).features[:VGG_LAYERS["relu4_3"] + 1]
         if weights != "random":
             state = {k.removeprefix("features."): v for k, v in read_checkpoint(path).items()}
@@ -1232,13 +1274,16 @@ class Perceptual(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    def train(self, mode: bool = True):                       # frozen: always in eval mode
+    def train(self, mode: bool = True):
+        """Frozen: .train() leaves it in eval mode, whatever the caller asks."""
         return super().train(False)
 
     def forward(self, output, target, content: bool = False) -> torch.Tensor:
         layers = {"relu4_3": 1.0} if content else VGG_WEIGHTS
         x = (torch.cat([output, target]) + 1) / 2             # 2n×3×h×w, one pass for both
         x, loss = (x - self.mean) / self.std, 0.0
+        # One pass through VGG; at each chosen layer compare the output half of
+        # the batch with the target half, in fp32 under --fast too.
         for index, layer in enumerate(self.features):
             x = layer(x)
             for name, weight in layers.items():
@@ -1252,7 +1297,11 @@ def perceptual_terms(nets: dict, cfg, target_sets: list, content_pairs: list):
     """λ_perc·Σ_sets mean_pairs L_perc(out, target) + λ_content·mean_pairs L_content(G(x), x).
     A set holds one (output, target) pair per direction, so two-sided modes
     average the directions with 0.5, as they do every other term. None when
-    the loss is off (no VGG in nets) or has nothing to compare."""
+    the loss is off (no VGG in nets) or has nothing to compare. The pairs the
+    steps pass (λ_perc; the content pairs are (G(x), x) in every mode):
+      CUT, NEGCUT      (idt_b, real_b), with the identity term only
+      DCLGAN, SimDCL   (idt_b, real_b) and (idt_a, real_a), with λ_IDT > 0
+      CycleGAN         those two, and (rec_a, real_a), (rec_b, real_b) as a second set"""
     vgg, terms = nets.get("vgg"), []
     if vgg is not None and cfg.lambda_perc > 0:
         terms += [cfg.lambda_perc * sum(vgg(o, t) for o, t in pairs) / len(pairs)
@@ -1852,12 +1901,12 @@ def save_samples(nets, samples, cfg, device, path: Path) -> None:
 def write_run_info(run_dir: Path, cfg: TrainConfig, device: torch.device, argv: list) -> None:
     """config.json, and versions and this file's SHA-256 in env.txt: what made the run."""
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    source_hash = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    code_hash = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     with open(run_dir / "env.txt", "a") as f:
         f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  python {platform.python_version()}  "
                 f"torch {torch.__version__}  cuda {torch.version.cuda}  gpu {gpu}  "
-                f"dcl.py sha256 {source_hash}\n  argv: {' '.join(argv)}\n")
+                f"dcl.py sha256 {code_hash}\n  argv: {' '.join(argv)}\n")
 
 
 def open_run(cfg: TrainConfig, origin: dict, latest: Path) -> tuple:
@@ -2390,7 +2439,8 @@ def bench(flags: dict, modes: list, steps: int, warmup: int) -> int:
         for _ in range(warmup):
             run()
         sync()
-        torch.cuda.reset_peak_memory_stats(device) if cuda else None
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         for _ in range(steps):
             losses = run()

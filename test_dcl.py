@@ -5,8 +5,13 @@
 Everything runs on the CPU at tiny sizes (ngf 8, 32-pixel crops, S = 16,
 E = 16), so the whole file takes about two minutes on two cores. Parameter counts
 and state-dict keys at the official sizes are checked on the meta device.
-Section numbers (§N) refer to the banners of dcl.py; "methods.md" is the
-fidelity spec.
+Section numbers (§N) refer to the banners of dcl.py, F-numbers to its
+faithfulness notes. Where each expected value comes from, the test's docstring
+says: a known answer derived there by hand; a slow, obviously correct reference
+written in this file (a loop over rows, a hand-written instance norm, the
+official batch-1 construction); the official code's constants (parameter counts,
+key names, layer indices, defaults), written out by hand rather than read off
+dcl.py; or a property (shapes, which networks a loss's gradient reaches).
 """
 import copy
 import dataclasses
@@ -129,12 +134,13 @@ def spy_on_step(opts, name, record):
 
 def translated_by_hand(G, image):
     """What translate must write for `image`: reflect-pad to a multiple of 4,
-    G, crop back, (y + 1)/2·255 truncated to uint8 (methods.md §6)."""
+    G, crop back, (y + 1)/2·255 truncated to uint8 (official tensor2im, F8)."""
     x = torch.from_numpy(np.asarray(Image.open(image).convert("RGB"), dtype=np.float32))
     x = (x.permute(2, 0, 1) / 255.0 - 0.5) / 0.5
     h, w = x.shape[1:]
     with torch.no_grad():
-        y = G(torch.nn.functional.pad(x[None], (0, -w % 4, 0, -h % 4), mode="reflect"))[0, :, :h, :w]
+        padded = torch.nn.functional.pad(x[None], (0, -w % 4, 0, -h % 4), mode="reflect")
+        y = G(padded)[0, :, :h, :w]
     return ((y.clamp(-1, 1).permute(1, 2, 0).numpy() + 1) / 2 * 255).astype(np.uint8)
 
 
@@ -158,7 +164,7 @@ def runs(tmp_path_factory, data):
     return get
 
 # -----------------------------------------------------------------------------
-# networks (§2-§5)
+# networks (§1-§4, §6, §8)
 # -----------------------------------------------------------------------------
 
 def weight_and_bias(key, shape):
@@ -170,7 +176,7 @@ def shapes(net):
 
 
 def test_parameter_counts_at_official_sizes():
-    """§3-§5: G, D and H have the official parameter counts (methods.md §1.10)."""
+    """§2-§4: G, D and H have the official code's parameter counts, written out here."""
     with torch.device("meta"):
         G, D = dcl.Generator(64), dcl.Discriminator(64)
         H5 = dcl.ProjectionHead(G.tap_channels((0, 4, 8, 12, 16)), 256)
@@ -180,8 +186,8 @@ def test_parameter_counts_at_official_sizes():
 
 
 def test_state_dict_keys_are_official():
-    """§3-§5: the keys and shapes of G (52 entries), D (13) and H are the
-    official ones, written out here from methods.md §1.4, §1.6 and §1.7."""
+    """§2-§4: the keys and shapes of G (52 entries), D (13) and H are the
+    official ones, written out here by hand from the official CUT code's layer lists."""
     with torch.device("meta"):
         G, D = dcl.Generator(64), dcl.Discriminator(64)
         H = dcl.ProjectionHead(G.tap_channels((0, 4, 8, 12, 16)), 256)
@@ -195,17 +201,25 @@ def test_state_dict_keys_are_official():
             g.update(weight_and_bias(f"model.{block}.conv_block.{conv}", (256, 256, 3, 3)))
     d = {"model.2.filt": (64, 1, 3, 3), "model.6.filt": (128, 1, 3, 3),
          "model.10.filt": (256, 1, 3, 3)}
-    for i, (o, c) in {0: (64, 3), 3: (128, 64), 7: (256, 128), 11: (512, 256), 14: (1, 512)}.items():
+    for i, (o, c) in {
+        0: (64, 3),
+        3: (128, 64),
+        7: (256, 128),
+        11: (512, 256),
+        14: (1, 512),
+    }.items():
         d.update(weight_and_bias(f"model.{i}", (o, c, 4, 4)))
     h = {}
     for l, c in enumerate((3, 128, 256, 256, 256)):
-        h.update({**weight_and_bias(f"mlp_{l}.0", (256, c)), **weight_and_bias(f"mlp_{l}.2", (256, 256))})
+        h.update(
+            {**weight_and_bias(f"mlp_{l}.0", (256, c)), **weight_and_bias(f"mlp_{l}.2", (256, 256))}
+        )
     assert (len(g), len(d)) == (52, 13)
     assert shapes(G) == g and shapes(D) == d and shapes(H) == h
 
 
 def test_shapes_at_256():
-    """§3-§4: at 256x256, G gives 3x256x256 in [-1, 1], D a 1x30x30 score map,
+    """§2-§3: at 256x256, G gives 3x256x256 in [-1, 1], D a 1x30x30 score map,
     and the taps 0,4,8,12,16 are 3x262², 2ngf x256², 4ngf x128², 4ngf x64², 4ngf x64²."""
     torch.manual_seed(0)
     ngf = 8
@@ -215,12 +229,17 @@ def test_shapes_at_256():
         y, scores, taps = G(x), D(x), G.encode(x, (0, 4, 8, 12, 16))
     assert y.shape == (1, 3, 256, 256) and y.min() >= -1 and y.max() <= 1
     assert scores.shape == (1, 1, 30, 30)
-    assert [t.shape[1:] for t in taps] == [(3, 262, 262), (2 * ngf, 256, 256),
-                                           (4 * ngf, 128, 128), (4 * ngf, 64, 64), (4 * ngf, 64, 64)]
+    assert [t.shape[1:] for t in taps] == [
+        (3, 262, 262),
+        (2 * ngf, 256, 256),
+        (4 * ngf, 128, 128),
+        (4 * ngf, 64, 64),
+        (4 * ngf, 64, 64),
+    ]
 
 
 def test_encode_is_a_prefix_run_that_stops_early():
-    """§3: G.encode returns exactly the outputs of the listed layers of G.model,
+    """§2: G.encode returns exactly the outputs of the listed layers of G.model,
     and never runs a layer after the last listed one (official encode_only)."""
     torch.manual_seed(0)
     G = dcl.init_weights(dcl.Generator(8))
@@ -242,7 +261,7 @@ def test_encode_is_a_prefix_run_that_stops_early():
 
 
 def test_downsample_and_upsample():
-    """§2: the blur kernels are [1,2,1]⊗[1,2,1]/16 and 4·[1,3,3,1]⊗[1,3,3,1]/64,
+    """§1: the blur kernels are [1,2,1]⊗[1,2,1]/16 and 4·[1,3,3,1]⊗[1,3,3,1]/64,
     stored as persistent `filt` buffers; Downsample halves an even size,
     Upsample doubles; both map a constant image to the same constant (the
     upsample kernel's two phases each sum to 1, and replication padding keeps
@@ -260,14 +279,19 @@ def test_downsample_and_upsample():
 
 
 def test_init_is_xavier_gain_002():
-    """§2, §8: build_networks gives every conv and linear weight
+    """§1, §13: build_networks gives every conv and linear weight
     std = 0.02·√(2/(fan_in+fan_out)) and zero biases. A resblock conv at ngf 64
     has fan_in = fan_out = 256·9 = 2304, so std = 0.02·√(2/4608) ≈ 4.167e-4;
-    H's mlp_4.2 (256x256) has std = 0.02·√(2/512) = 1.25e-3."""
+    H's mlp_4.2 (256x256) has std = 0.02·√(2/512) = 1.25e-3. "An untrained G
+    outputs an almost uniform grey": on a random 64x64 image every output pixel
+    lies within 0.2 of grey (0) and their std is below 0.05 (measured: 0.09, 0.026)."""
     nets = dcl.build_networks(dcl.resolve_config({"dataroot": "unused"})[0], "cpu")
     conv = nets["G"].model[12].conv_block[1].weight
     assert conv.std().item() == pytest.approx(0.02 * math.sqrt(2 / 4608), rel=0.05)
     assert nets["H"].mlp_4[2].weight.std().item() == pytest.approx(1.25e-3, rel=0.05)
+    with torch.no_grad():                                     # "an almost uniform grey"
+        y = nets["G"](torch.rand(1, 3, 64, 64) * 2 - 1)
+    assert y.abs().max() < 0.2 and y.std() < 0.05
     for net in nets.values():
         for name, p in net.named_parameters():
             assert not name.endswith("bias") or not p.any(), name
@@ -283,7 +307,7 @@ def receptive_width(net_output, x) -> int:
 
 
 def test_receptive_fields(monkeypatch):
-    """§3, §4: the taps 0, 4, 8, 12, 16 see 1, 9, 15, 35 and 99 pixels (the DCLGAN
+    """§2, §3: the taps 0, 4, 8, 12, 16 see 1, 9, 15, 35 and 99 pixels (the DCLGAN
     paper's numbers), the antialiased D 84x84 and the stride-2 D 70x70. Measured
     as the support of the gradient of one centre output, with instance norm
     replaced by the identity (it makes every output depend on the whole image)
@@ -302,7 +326,7 @@ def test_receptive_fields(monkeypatch):
 
 
 def test_eps_normalisation_is_within_one_percent_at_init():
-    """§6, F13: DCLGAN computes cosines; we take dot products of x/(‖x‖ + 1e-7).
+    """§4, F13: DCLGAN computes cosines; we take dot products of x/(‖x‖ + 1e-7).
     The claim "within 1% at initialisation": with the xavier(0.02) init, H's raw
     outputs on the taps 4 and 8 of a fresh G have norms near 3e-5, so the rows
     have norm ≈ 0.996 and a dot product is ≥ 0.99 of the cosine; deeper taps are
@@ -320,7 +344,7 @@ def test_eps_normalisation_is_within_one_percent_at_init():
 
 @pytest.mark.parametrize("mode", ["dcl", "simdcl"])
 def test_eps_normalisation_changes_the_first_gradients_only(mode):
-    """§6, F13: DCLGAN's loss takes cosines of z/(‖z‖ + 1e-7); we take their dot
+    """§4, F13: DCLGAN's loss takes cosines of z/(‖z‖ + 1e-7); we take their dot
     products. At initialisation H's outputs are tiny, so the eps matters: at
     step 1 some row norm is below 0.995 and the heads' gradients differ from the
     cosine version's by more than 5%, G's by more than 1% (measured here 14-29%
@@ -356,7 +380,9 @@ def test_eps_normalisation_changes_the_first_gradients_only(mode):
         error = {k: ((ours[k] - official[k]).norm() / official[k].norm()).item() for k in ours}
         if step == 1:
             assert smallest < 0.995, smallest
-            assert min(error["H_a"], error["H_b"]) > 0.05 and min(error["G_ab"], error["G_ba"]) > 0.01
+            assert (
+                min(error["H_a"], error["H_b"]) > 0.05 and min(error["G_ab"], error["G_ba"]) > 0.01
+            )
         else:
             assert smallest >= 0.99996 and max(error.values()) < 2e-4, (smallest, error)
         torch.manual_seed(1)
@@ -364,7 +390,7 @@ def test_eps_normalisation_changes_the_first_gradients_only(mode):
 
 
 def test_official_state_dict_loads_strictly(tmp_path):
-    """§3: a G state dict saved as an official latest_net_G.pth loads into a new
+    """§2: a G state dict saved as an official latest_net_G.pth loads into a new
     Generator with strict=True and gives the same outputs."""
     torch.manual_seed(0)
     G = dcl.init_weights(dcl.Generator(8))
@@ -376,18 +402,20 @@ def test_official_state_dict_loads_strictly(tmp_path):
 
 
 def test_two_generator_parameter_counts_at_official_sizes():
-    """§3-§5, §8: on the meta device, the non-antialiased G (both flags off)
+    """§2, §3, §6, §13: on the meta device, the non-antialiased G (both flags off)
     has the antialiased G's 11,378,179 parameters, the stride-2 D 2,764,737,
     a MappingHead 10,688 (conv 4·64·9 + 64 = 2,368, two linears
     2·(64·64 + 64) = 8,320). build_networks at official sizes (ngf = ndf = 64,
     E = 256) trains 2·11,378,179 + 2·2,764,737 = 28,285,832 parameters for
     CycleGAN (the pools hold buffers only), + 2·493,568 = 29,272,968 for
-    DCLGAN, + 4·10,688 = 29,315,720 for SimDCL (methods.md §1.10)."""
+    DCLGAN, + 4·10,688 = 29,315,720 for SimDCL (the official code's counts)."""
     totals = {}
     with torch.device("meta"):
         G, D, M = dcl.Generator(64, False, False), dcl.Discriminator(64, False), dcl.MappingHead()
         for mode in TWO_SIDED:
-            nets = dcl.build_networks(dcl.resolve_config({"mode": mode, "dataroot": "x"})[0], "meta")
+            nets = dcl.build_networks(
+                dcl.resolve_config({"mode": mode, "dataroot": "x"})[0], "meta"
+            )
             assert list(nets) == list(dcl.MODES[mode].networks)
             totals[mode] = sum(dcl.count_parameters(net) for net in nets.values())
     assert [dcl.count_parameters(net) for net in (G, D, M)] == [11_378_179, 2_764_737, 10_688]
@@ -395,12 +423,12 @@ def test_two_generator_parameter_counts_at_official_sizes():
 
 
 def test_upstream_cyclegan_state_dict_keys():
-    """§3-§4: with both antialias flags off, G has upstream CycleGAN's 48 keys
-    (methods.md §1.4): model.1 (conv7 3→64), model.4 and model.7 (stride-2
+    """§2-§3: with both antialias flags off, G has upstream CycleGAN's 48 keys
+    (upstream CycleGAN's layer list): model.1 (conv7 3→64), model.4 and model.7 (stride-2
     conv3 64→128, 128→256), model.10..18.conv_block.{1,5}, the transposed
     convs model.19 and model.22 (weights stored in×out×3×3: 256x128 and
     128x64, biases of the output width), model.26 (conv7 64→3), and no `filt`
-    buffer. The stride-2 D has model.{0,2,5,8,11} (10 keys, methods.md §1.6).
+    buffer. The stride-2 D has model.{0,2,5,8,11} (10 keys, upstream CycleGAN).
     Written out here, not read off the code."""
     with torch.device("meta"):
         G, D = dcl.Generator(64, False, False), dcl.Discriminator(64, False)
@@ -420,10 +448,10 @@ def test_upstream_cyclegan_state_dict_keys():
 
 
 def test_non_antialiased_shapes():
-    """§3-§4: the non-antialiased G maps 64x64 to 3x64x64 (two stride-2 convs
+    """§2-§3: the non-antialiased G maps 64x64 to 3x64x64 (two stride-2 convs
     64 → 32 → 16, two transposed convs with output_padding 1 back to 64); the
     stride-2 D (ndf 8) maps 256x256 to a 1x30x30 score map: k4 s2 p1 gives
-    256 → 128 → 64 → 32, then k4 s1 p1 gives 31 and 30 (methods.md §1.6)."""
+    256 → 128 → 64 → 32, then k4 s1 p1 gives 31 and 30 (derived here by hand)."""
     torch.manual_seed(0)
     G = dcl.init_weights(dcl.Generator(8, False, False), "normal")
     D = dcl.init_weights(dcl.Discriminator(8, False), "normal")
@@ -435,7 +463,7 @@ def test_non_antialiased_shapes():
 
 
 def test_translate_official_cyclegan_generator(data, tmp_path, capsys):
-    """§10: a random non-antialiased G saved as CycleGAN's latest_net_G_A.pth
+    """§16: a random non-antialiased G saved as CycleGAN's latest_net_G_A.pth
     loads strictly under `translate --mode cyclegan` (which builds the 28-entry
     G), and the PNG for a 37x29 image equals G(x) computed here."""
     torch.manual_seed(0)
@@ -449,11 +477,11 @@ def test_translate_official_cyclegan_generator(data, tmp_path, capsys):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "2.png")), expected)
 
 # -----------------------------------------------------------------------------
-# projection head (§5)
+# projection head (§4)
 # -----------------------------------------------------------------------------
 
 def test_projection_head():
-    """§5: rows are unit vectors, (n·S)xE, image-major; S is clamped to H·W;
+    """§4: rows are unit vectors, (n·S)xE, image-major; S is clamped to H·W;
     given ids are reused; one id set per layer is shared by the batch, and row
     b·S+i is image b's feature at position ids[i] (row-major: y = id // W, x = id % W).
     PyTorch's default Linear init here: after xavier gain 0.02 the raw outputs
@@ -475,14 +503,14 @@ def test_projection_head():
     assert torch.equal(twins[:16], twins[16:])               # same positions for both images
 
 # -----------------------------------------------------------------------------
-# image pool (§5)
+# image pool (§8)
 # -----------------------------------------------------------------------------
 
 def test_image_pool_fills_then_swaps_at_random():
-    """§5: capacity 3. The first 3 fakes are stored in slots 0..2 and returned
+    """§8: capacity 3. The first 3 fakes are stored in slots 0..2 and returned
     unchanged (count 1, 2, 3). Once full, each returned image is either the new
     one (pool unchanged) or exactly one stored image, whose slot then holds the
-    new one (methods.md §3.6); with the torch RNG seeded, both happen within 20
+    new one (upstream CycleGAN's image pool); with the torch RNG seeded, both happen within 20
     draws, and the count stays 3."""
     pool = dcl.ImagePool(3, 4)
     torch.manual_seed(0)
@@ -506,7 +534,7 @@ def test_image_pool_fills_then_swaps_at_random():
 
 
 def test_image_pool_of_capacity_0_passes_fakes_through():
-    """§5: with capacity 0 (--pool_size 0, upstream's "no pool") the pool
+    """§8: with capacity 0 (--pool_size 0, upstream's "no pool") the pool
     returns its input, detached, whatever the RNG draws."""
     pool = dcl.ImagePool(0, 4)
     torch.manual_seed(0)
@@ -516,7 +544,7 @@ def test_image_pool_of_capacity_0_passes_fakes_through():
 
 
 def test_image_pool_state_round_trips(tmp_path):
-    """§5, §9: the pool's images and its count travel through state_dict /
+    """§8, §15: the pool's images and its count travel through state_dict /
     load_state_dict (count as extra state), also via torch.save and
     torch.load(weights_only=True), as in checkpoints."""
     pool = dcl.ImagePool(3, 4)
@@ -529,14 +557,14 @@ def test_image_pool_state_round_trips(tmp_path):
         assert other.images[:2].any() and not other.images[2].any()
 
 # -----------------------------------------------------------------------------
-# losses (§6)
+# losses (§3, §4, §6)
 # -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode, p, real, expected", [
     ("lsgan", 0.5, True, 0.25), ("lsgan", 0.5, False, 0.25), ("lsgan", 1.0, True, 0.0),
     ("hinge", 0.5, True, 0.5), ("hinge", 0.5, False, 1.5), ("hinge", 2.0, True, 0.0)])
 def test_gan_loss_known_answers(mode, p, real, expected):
-    """§6: on a constant map p, lsgan real = (p−1)², fake = p²; hinge real =
+    """§3: on a constant map p, lsgan real = (p−1)², fake = p²; hinge real =
     relu(1−p), fake = relu(1+p). p = 0.5: lsgan 0.25 both; hinge 0.5 and 1.5;
     lsgan real at p = 1 and hinge real at p = 2 are 0."""
     assert dcl.gan_loss(torch.full((2, 1, 30, 30), p), real, mode).item() == pytest.approx(expected)
@@ -544,7 +572,7 @@ def test_gan_loss_known_answers(mode, p, real, expected):
 
 @pytest.mark.parametrize("tau", [0.07, 1.0, 10.0])
 def test_patch_nce_known_answer(tau):
-    """§6: q = k = three orthonormal vectors (n = 1). Row i has l_pos = 1, l_neg
+    """§4: q = k = three orthonormal vectors (n = 1). Row i has l_pos = 1, l_neg
     = 0 off the diagonal and −10 on it (filled before dividing by τ), so
     ℓ = −log(e^(1/τ) / (e^(1/τ) + e^(−10/τ) + 2)) = log(1 + (2 + e^(−10/τ))·e^(−1/τ)):
     1.24975e-6 at τ = 0.07, 0.551454 at τ = 1, 1.145033 at τ = 10 (where the
@@ -558,7 +586,7 @@ def test_patch_nce_known_answer(tau):
 
 
 def slow_patch_nce(q, k, n, tau):
-    """The official semantics, one row at a time (methods.md §2.2)."""
+    """The official semantics, one row at a time (the official CUT code, models/patchnce.py)."""
     S, losses = q.shape[0] // n, []
     for b in range(n):
         for i in range(S):
@@ -571,7 +599,7 @@ def slow_patch_nce(q, k, n, tau):
 
 
 def test_patch_nce_equals_slow_loop_and_uses_same_image_negatives():
-    """§6: patch_nce_loss equals a literal loop over images and patches (to
+    """§4: patch_nce_loss equals a literal loop over images and patches (to
     1e-6), and image 0's losses do not depend on image 1's keys."""
     torch.manual_seed(0)
     unit = lambda t: t / t.norm(dim=1, keepdim=True)          # noqa: E731
@@ -585,7 +613,7 @@ def test_patch_nce_equals_slow_loop_and_uses_same_image_negatives():
 
 
 def test_keys_get_no_gradient():
-    """§6: the keys are detached (Q2); the gradient enters through the queries only."""
+    """§4: the keys are detached (F2); the gradient enters through the queries only."""
     torch.manual_seed(0)
     q = torch.nn.functional.normalize(torch.randn(8, 4), dim=1).requires_grad_()
     k = torch.nn.functional.normalize(torch.randn(8, 4), dim=1).requires_grad_()
@@ -595,7 +623,7 @@ def test_keys_get_no_gradient():
 
 
 def test_nce_between_known_answer_with_a_constant_head():
-    """§6: if H maps every patch to one unit vector u, each row has l_pos = 1,
+    """§4: if H maps every patch to one unit vector u, each row has l_pos = 1,
     S−1 negatives at 1 and the −10 diagonal: ℓ = log(S + e^(−11/τ)) ≈ log S.
     At 32 px with S = 100 the taps 12 and 16 have only 8·8 = 64 positions, so
     NCE = λ·(3·log 100 + 2·log 64)/5 (mean over patches, then layers, λ inside)."""
@@ -612,7 +640,7 @@ def test_nce_between_known_answer_with_a_constant_head():
 
 
 def test_nce_between_flip_back():
-    """§6: flip_back flips the query maps back along the width. G's stride-1
+    """§4: flip_back flips the query maps back along the width. G's stride-1
     layers are flip-equivariant when every conv kernel is left-right symmetric,
     so for the taps 0 and 4 (before any stride-2 blur, which shifts by half a
     pixel) NCE(src, flip(out), flip_back) = NCE(src, out) under equal patch ids."""
@@ -637,8 +665,8 @@ def test_nce_between_flip_back():
 
 
 def test_whole_batch_negatives():
-    """§6: n_images = 1 views an (n·S)xE batch as one pool (DCLGAN, methods.md
-    §2.3, Q23): it equals the slow loop run as one image of n·S = 15 patches,
+    """§4: groups = 1 views an (n·S)xE batch as one pool (DCLGAN's loss,
+    F11): it equals the slow loop run as one image of n·S = 15 patches,
     i.e. every query's negatives are all 15 keys but its own (−10 there). Each
     row then has 10 more positive terms in its denominator than with
     same-image negatives, so its loss is strictly larger. Through nce_between,
@@ -668,7 +696,7 @@ def test_whole_batch_negatives():
 
 
 def literal_similarity(keys_a, queries_a, keys_b, queries_b, heads):
-    """The official batch-1 SimDCL construction (methods.md §3.5, Q26): each
+    """The official batch-1 SimDCL construction (the official DCLGAN code, F14): each
     set's L layers are copied by slice assignment into a 1xLxSxE tensor, one
     mapping head per set, mean|v_ra − v_fa| + mean|v_fb − v_rb|."""
     def stack(feats):
@@ -686,7 +714,7 @@ def test_similarity_loss_equals_the_official_batch_1_construction():
     (L = 4, S = E = 16); at batch 4 it equals the mean of the four per-image
     values (the L1 mean over n×64 is the mean of per-image means); and its
     gradient reaches all four mapping heads and every feature set, the keys
-    included (nothing detached, Q27)."""
+    included (nothing detached, F14)."""
     torch.manual_seed(0)
     L, S, E, n = 4, 16, 16, 4
     heads = {name: dcl.MappingHead(L) for name in ("M_ra", "M_fb", "M_rb", "M_fa")}
@@ -696,7 +724,9 @@ def test_similarity_loss_equals_the_official_batch_1_construction():
     for b in range(n):
         one = [[f[b * S:(b + 1) * S] for f in feats] for feats in sets]
         per_image.append(literal_similarity(*one, heads))
-        assert dcl.similarity_loss(*one, heads, 1).item() == pytest.approx(per_image[-1].item(), abs=1e-7)
+        assert dcl.similarity_loss(*one, heads, 1).item() == pytest.approx(
+            per_image[-1].item(), abs=1e-7
+        )
     assert len({round(v.item(), 6) for v in per_image}) == n       # four different images
     loss = dcl.similarity_loss(*sets, heads, n)
     assert loss.item() == pytest.approx(torch.stack(per_image).mean().item(), rel=1e-6)
@@ -707,18 +737,19 @@ def test_similarity_loss_equals_the_official_batch_1_construction():
         assert all(p.grad is not None and p.grad.any() for p in head.parameters()), name
 
 # -----------------------------------------------------------------------------
-# the training step (§8)
+# the training step (§3, §5, §6, §8)
 # -----------------------------------------------------------------------------
 
 def test_cut_step_gradient_routing():
-    """§8: L_D reaches D only (fake_b detached); L_G reaches G (first and last
+    """§5: L_D reaches D only (fake_b detached); L_G reaches G (first and last
     conv) and every MLP of H, and leaves D's gradients as the D step left them;
     after the step every parameter tensor of G, D and H has changed."""
     torch.manual_seed(0)
     cfg = tiny_cfg()
     nets, seen = dcl.build_networks(cfg, "cpu"), {}
     opts = dcl.build_optimizers(nets, cfg)
-    grads = lambda net: [None if p.grad is None else p.grad.clone() for p in net.parameters()]  # noqa: E731
+    def grads(net):
+        return [None if p.grad is None else p.grad.clone() for p in net.parameters()]
 
     def spy(name, record):
         step = opts[name].step
@@ -728,7 +759,9 @@ def test_cut_step_gradient_routing():
     spy("G", lambda: seen.update(D_at_G=grads(nets["D"]), G=dict(nets["G"].named_parameters()),
                                  H=dict(nets["H"].named_parameters())))
     before = {k: [p.detach().clone() for p in net.parameters()] for k, net in nets.items()}
-    dcl.cut_step(nets, opts, torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1, cfg)
+    dcl.cut_step(
+        nets, opts, torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1, cfg
+    )
     assert all(g is None for g in seen["G_at_D"] + seen["H_at_D"])
     assert all(g is not None and g.any() for g in seen["D_at_D"])
     assert all(torch.equal(a, b) for a, b in zip(seen["D_at_D"], seen["D_at_G"]))
@@ -744,7 +777,7 @@ def test_cut_step_gradient_routing():
 
 @pytest.mark.parametrize("mode", ONE_SIDED)
 def test_cut_step_losses(mode):
-    """§8: cut_step returns the official loss names (NCE_Y only with the identity
+    """§5, §7: the CUT-lineage steps return the official loss names (NCE_Y only with the identity
     pass), finite and detached, and G = G_GAN + 0.5·(NCE + NCE_Y) for CUT (the
     code averages the two NCE terms) or G_GAN + NCE for FastCUT."""
     torch.manual_seed(0)
@@ -766,7 +799,7 @@ def gradients(nets):
 
 @pytest.mark.parametrize("mode", ["dcl", "simdcl"])
 def test_dual_step_gradient_routing(mode):
-    """§8: dual_step's D step (fakes detached) gives G_ab, G_ba, H_a, H_b (and
+    """§6: dual_step's D step (fakes detached) gives G_ab, G_ba, H_a, H_b (and
     SimDCL's M heads) no gradient and D_a and D_b gradients, non-zero except
     for the last conv's bias b: with hinge, ∂L_D/∂b = 0.5·(−1 + 1) = 0 exactly
     while every score lies in (−1, 1), as at init. The G step leaves the D
@@ -780,7 +813,9 @@ def test_dual_step_gradient_routing(mode):
     spy_on_step(opts, "D", lambda: seen.update(at_D=gradients(nets)))
     spy_on_step(opts, "G", lambda: seen.update(at_G=gradients(nets)))
     before = {k: [p.detach().clone() for p in net.parameters()] for k, net in nets.items()}
-    dcl.dual_step(nets, opts, torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1, cfg)
+    dcl.dual_step(
+        nets, opts, torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1, cfg
+    )
     others = [k for k in nets if k[0] != "D"]
     heads = ["M_ra", "M_fb", "M_rb", "M_fa"] if mode == "simdcl" else []
     assert others == ["G_ab", "G_ba", "H_a", "H_b"] + heads
@@ -797,11 +832,11 @@ def test_dual_step_gradient_routing(mode):
 
 
 def test_dual_nce_pairing_rule():
-    """§8: NCE1 = nce_between(real_a, fake_b, G_ab, H_a, G_ba, H_b): keys
+    """§6: NCE1 = nce_between(real_a, fake_b, G_ab, H_a, G_query=G_ba, H_query=H_b): keys
     H_a(G_ab.encode(real_a)), detached; queries H_b(G_ba.encode(fake_b)). So
     NCE1 alone (fake_b a fixed image) gives H_a and G_ab no gradient and every
     parameter of H_b a non-zero one, and reaches G_ba's encoder: H_a learns
-    only from NCE2's queries (methods.md §3.4)."""
+    only from NCE2's queries (the pairing rule of the official DCLGAN code)."""
     torch.manual_seed(0)
     cfg = tiny_cfg(mode="dcl")
     nets = dcl.build_networks(cfg, "cpu")
@@ -816,7 +851,7 @@ def test_dual_nce_pairing_rule():
 
 @pytest.mark.parametrize("mode", TWO_SIDED)
 def test_two_generator_step_losses(mode):
-    """§8: dual_step and cyclegan_step return the official loss names, finite,
+    """§6, §8: dual_step and cyclegan_step return the official loss names, finite,
     detached scalars, and G is the documented combination of the returned terms:
     DCLGAN/SimDCL G = 0.5·(G_A + G_B) + 0.5·(NCE1 + NCE2) + 0.5·(idt_A + idt_B)
     (+ Sim); CycleGAN G = G_A + G_B + cycle_A + cycle_B + idt_A + idt_B.
@@ -836,13 +871,19 @@ def test_two_generator_step_losses(mode):
         fake_b, fake_a = G_ab(real_a), G_ba(real_b)
         expected = dict(idt_A=idt * l1(G_ab(real_b), real_b), idt_B=idt * l1(G_ba(real_a), real_a))
         if mode == "cyclegan":
-            expected.update(D_A=0.5 * ((D_b(real_b) - 1) ** 2 + D_b(fake_b) ** 2).mean(),
-                            D_B=0.5 * ((D_a(real_a) - 1) ** 2 + D_a(fake_a) ** 2).mean(),
-                            G_A=((D_b(fake_b) - 1) ** 2).mean(), G_B=((D_a(fake_a) - 1) ** 2).mean(),
-                            cycle_A=10 * l1(G_ba(fake_b), real_a), cycle_B=10 * l1(G_ab(fake_a), real_b))
+            expected.update(
+                D_A=0.5 * ((D_b(real_b) - 1) ** 2 + D_b(fake_b) ** 2).mean(),
+                D_B=0.5 * ((D_a(real_a) - 1) ** 2 + D_a(fake_a) ** 2).mean(),
+                G_A=((D_b(fake_b) - 1) ** 2).mean(),
+                G_B=((D_a(fake_a) - 1) ** 2).mean(),
+                cycle_A=10 * l1(G_ba(fake_b), real_a),
+                cycle_B=10 * l1(G_ab(fake_a), real_b),
+            )
         else:
-            expected.update(D_A=0.5 * ((1 - D_b(real_b)).relu().mean() + (1 + D_b(fake_b)).relu().mean()),
-                            D_B=0.5 * ((1 - D_a(real_a)).relu().mean() + (1 + D_a(fake_a)).relu().mean()))
+            expected.update(
+                D_A=0.5 * ((1 - D_b(real_b)).relu().mean() + (1 + D_b(fake_b)).relu().mean()),
+                D_B=0.5 * ((1 - D_a(real_a)).relu().mean() + (1 + D_a(fake_a)).relu().mean()),
+            )
     losses = dcl.MODES[mode].step(nets, dcl.build_optimizers(nets, cfg), real_a, real_b, cfg)
     assert set(losses) == LOSS_NAMES[mode]
     assert all(v.shape == () and torch.isfinite(v) and not v.requires_grad for v in losses.values())
@@ -851,8 +892,12 @@ def test_two_generator_step_losses(mode):
     if mode == "cyclegan":
         combination = sum(losses[k] for k in ("G_A", "G_B", "cycle_A", "cycle_B", "idt_A", "idt_B"))
     else:
-        combination = 0.5 * (losses["G_A"] + losses["G_B"]) + 0.5 * (losses["NCE1"] + losses["NCE2"]) \
-            + 0.5 * (losses["idt_A"] + losses["idt_B"]) + losses.get("Sim", 0.0)
+        combination = (
+            0.5 * (losses["G_A"] + losses["G_B"])
+            + 0.5 * (losses["NCE1"] + losses["NCE2"])
+            + 0.5 * (losses["idt_A"] + losses["idt_B"])
+            + losses.get("Sim", 0.0)
+        )
     assert losses["G"].item() == pytest.approx(float(combination), rel=1e-6)
     assert mode != "simdcl" or losses["Sim"] > 0
 
@@ -878,8 +923,13 @@ def test_cyclegan_identity_generators_give_zero_cycle_and_identity():
     cfg = tiny_cfg(mode="cyclegan")
     nets = dcl.build_networks(cfg, "cpu")
     nets.update(G_ab=ScaleByW(), G_ba=ScaleByW())
-    losses = dcl.cyclegan_step(nets, dcl.build_optimizers(nets, cfg), torch.rand(1, 3, 32, 32) * 2 - 1,
-                               torch.rand(1, 3, 32, 32) * 2 - 1, cfg)
+    losses = dcl.cyclegan_step(
+        nets,
+        dcl.build_optimizers(nets, cfg),
+        torch.rand(1, 3, 32, 32) * 2 - 1,
+        torch.rand(1, 3, 32, 32) * 2 - 1,
+        cfg,
+    )
     assert [losses[k].item() for k in ("cycle_A", "cycle_B", "idt_A", "idt_B")] == [0.0] * 4
     assert losses["G"].item() == pytest.approx((losses["G_A"] + losses["G_B"]).item(), rel=1e-6)
     assert nets["G_ab"].w.item() != 1.0 and nets["G_ba"].w.item() != 1.0
@@ -887,7 +937,7 @@ def test_cyclegan_identity_generators_give_zero_cycle_and_identity():
 
 def test_cyclegan_step_gradient_routing():
     """§8: cyclegan_step's G step runs with D_a and D_b frozen (its docstring;
-    methods.md §3.6, §4: requires_grad False), so D has no gradient when Adam
+    upstream CycleGAN: requires_grad False), so D has no gradient when Adam
     steps G, also on a run's first step, while every generator parameter has
     a non-zero one; the D step (pooled fakes, detached) leaves the generators'
     gradients as the G step left them and gives every D parameter a non-zero
@@ -898,7 +948,9 @@ def test_cyclegan_step_gradient_routing():
     opts = dcl.build_optimizers(nets, cfg)
     spy_on_step(opts, "G", lambda: seen.update(at_G=gradients(nets)))
     spy_on_step(opts, "D", lambda: seen.update(at_D=gradients(nets)))
-    dcl.cyclegan_step(nets, opts, torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1, cfg)
+    dcl.cyclegan_step(
+        nets, opts, torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1, cfg
+    )
     for name in ("G_ab", "G_ba"):
         assert all(g is not None and g.any() for g in seen["at_G"][name]), name
         assert all(torch.equal(a, b) for a, b in zip(seen["at_G"][name], seen["at_D"][name])), name
@@ -906,13 +958,13 @@ def test_cyclegan_step_gradient_routing():
     assert all(g is None for name in ("D_a", "D_b") for g in seen["at_G"][name])
 
 # -----------------------------------------------------------------------------
-# config and schedule (§1, §9)
+# config and schedule (§10, §11, §13, §14)
 # -----------------------------------------------------------------------------
 
 def test_mode_presets_and_precedence():
-    """§1: presets set λ_NCE, nce_idt, flip and epochs; flags beat presets; the
+    """§10, §11: presets set λ_NCE, nce_idt, flip and epochs; flags beat presets; the
     demo settings apply only without --dataroot; other defaults are official.
-    §8: one Adam(2e-4, (0.5, 0.999)) each for G, D and H."""
+    §13: one Adam(2e-4, (0.5, 0.999)) each for G, D and H."""
     cut, _ = dcl.resolve_config({"mode": "cut", "dataroot": "x"})
     fast, _ = dcl.resolve_config({"mode": "fastcut", "dataroot": "x"})
     assert (cut.lambda_NCE, cut.nce_idt, cut.flip_equivariance, cut.n_epochs, cut.n_epochs_decay) \
@@ -936,9 +988,9 @@ def test_mode_presets_and_precedence():
 
 
 def test_two_generator_presets_and_networks():
-    """§1 (methods.md §3.4-§3.6, Q17, Q21-Q28): DCLGAN taps 4,8,12,16 with
-    hinge, λ_NCE 2, λ_IDT 1, whole-batch negatives, no pool, heads at lr 1e-3
-    and beta1 0.9, 200 + 200 epochs. SimDCL: the same but λ_NCE 1 (the
+    """§10 (the official DCLGAN and upstream CycleGAN defaults; F11, F12, F14):
+    DCLGAN taps 4,8,12,16 with hinge, λ_NCE 2, λ_IDT 1, whole-batch negatives, no
+    pool, heads at lr 1e-3 and beta1 0.9, 200 + 200 epochs. SimDCL: the same but λ_NCE 1 (the
     effective weight: the official λ_NCE 2 is never applied), λ_SIM 10, heads
     at --lr and --beta1. CycleGAN: lsgan, λ_IDT 0.5, λ_A = λ_B = 10, a pool of
     50, normal init, both antialias flags off, 100 + 100 epochs with crops in
@@ -955,9 +1007,21 @@ def test_two_generator_presets_and_networks():
                                       False, False, 200, 200)
     assert (d.lambda_NCE, d.lambda_SIM, d.lr_H, d.beta1_H) == (2.0, 0.0, 1e-3, 0.9)
     assert (s.lambda_NCE, s.lambda_SIM, s.lr_H, s.beta1_H) == (1.0, 10.0, 0.0, -1.0)
-    assert (c.gan_mode, c.lambda_IDT, c.lambda_A, c.lambda_B, c.pool_size, c.init_type, c.no_antialias,
-            c.no_antialias_up, c.n_epochs, c.n_epochs_decay, c.crop_in_decay, c.nce_idt, c.lambda_SIM) == \
-        ("lsgan", 0.5, 10.0, 10.0, 50, "normal", True, True, 100, 100, True, False, 0.0)
+    assert (
+        c.gan_mode,
+        c.lambda_IDT,
+        c.lambda_A,
+        c.lambda_B,
+        c.pool_size,
+        c.init_type,
+        c.no_antialias,
+        c.no_antialias_up,
+        c.n_epochs,
+        c.n_epochs_decay,
+        c.crop_in_decay,
+        c.nce_idt,
+        c.lambda_SIM,
+    ) == ("lsgan", 0.5, 10.0, 10.0, 50, "normal", True, True, 100, 100, True, False, 0.0)
     assert not d.crop_in_decay and not s.crop_in_decay
     assert {m: dcl.MODES[m].networks for m in ONE_SIDED + TWO_SIDED} == {
         "cut": ("G", "D", "H"), "fastcut": ("G", "D", "H"),
@@ -977,9 +1041,9 @@ def test_two_generator_presets_and_networks():
 
 @pytest.mark.parametrize("mode", TWO_SIDED)
 def test_two_generator_optimizers(mode):
-    """§8 (methods.md §4): one Adam per family, no weight decay: G over G_ab ∪
+    """§13 (the official optimisers): one Adam per family, no weight decay: G over G_ab ∪
     G_ba and D over D_a ∪ D_b, both (2e-4, (0.5, 0.999)); H over H_a ∪ H_b at
-    Adam's defaults (1e-3, (0.9, 0.999)) for DCLGAN (Q17), over H_a ∪ H_b and
+    Adam's defaults (1e-3, (0.9, 0.999)) for DCLGAN (F12), over H_a ∪ H_b and
     the four mapping heads at (2e-4, (0.5, 0.999)) for SimDCL; CycleGAN has
     no H. Every parameter of every net is in exactly one optimiser, that of
     its family; the pools have no parameters, and their buffers are in none."""
@@ -1009,7 +1073,7 @@ def test_two_generator_optimizers(mode):
 
 
 def test_lr_multiplier_known_answers():
-    """§9: 1 − max(0, e − 200)/201 for 200 + 200 epochs: 1 for epochs 1..200,
+    """§14: 1 − max(0, e − 200)/201 for 200 + 200 epochs: 1 for epochs 1..200,
     1 − 1/201 at 201, and 1/201 (never 0) at 400."""
     cfg = dcl.resolve_config({"dataroot": "x", "n_epochs": 200, "n_epochs_decay": 200})[0]
     assert dcl.lr_multiplier(1, cfg) == 1.0 and dcl.lr_multiplier(200, cfg) == 1.0
@@ -1018,13 +1082,13 @@ def test_lr_multiplier_known_answers():
 
 
 def expected_resize(path, size):
-    """A plain PIL bicubic resize to size², mapped to [−1, 1] (methods.md §5)."""
+    """A plain PIL bicubic resize to size², mapped to [−1, 1] (the official transform)."""
     img = Image.open(path).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
 
 
 def test_no_crop_in_decay_epochs(data):
-    """§7: the sampler switches cropping off after n_epochs (Q9) unless
+    """§12: the sampler switches cropping off after n_epochs (F6) unless
     --crop_in_decay; a no-crop item is a plain bicubic resize to crop_size."""
     cfg = tiny_cfg(dataroot=str(data), n_epochs=2, n_epochs_decay=2, no_flip=True)
     assert [dcl.EpochSampler(4, cfg, e).no_crop for e in (1, 2, 3, 4)] == [False, False, True, True]
@@ -1041,7 +1105,7 @@ def test_no_crop_in_decay_epochs(data):
 
 
 def test_item_seeds_distinct_across_epochs():
-    """§7: every (seed, epoch, position) gets its own item seed, so no item of
+    """§12: every (seed, epoch, position) gets its own item seed, so no item of
     epoch 2 repeats the B draw, crop and flip of an item of epoch 1 (a linear
     seed formula once made position p + 7919 of one epoch equal position p of
     the next)."""
@@ -1050,11 +1114,11 @@ def test_item_seeds_distinct_across_epochs():
     assert len(seeds[0]) == len(seeds[1]) == 8000 and not seeds[0] & seeds[1]
 
 # -----------------------------------------------------------------------------
-# data (§7)
+# data (§12)
 # -----------------------------------------------------------------------------
 
 def test_find_images(tmp_path):
-    """§7: find_images walks subfolders, matches extensions in any case, skips other files."""
+    """§12: find_images walks subfolders, matches extensions in any case, skips other files."""
     names = ["a.jpg", "b.JPEG", "sub/c.png", "sub/deeper/d.BMP", "e.tif", "f.webp", "g.Png"]
     for name in names + ["notes.txt", "sub/readme.md"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -1063,7 +1127,7 @@ def test_find_images(tmp_path):
 
 
 def test_dataset_modes_lengths_and_reproducibility(data):
-    """§7: L, RGBA and P images load as 3-channel tensors in [−1, 1]; the length
+    """§12: L, RGBA and P images load as 3-channel tensors in [−1, 1]; the length
     is max(|A|, |B|) = 4; an item is a function of its key; with
     --serial_batches item i pairs B[i mod |B|] (i = 3 -> B[0])."""
     cfg = tiny_cfg(dataroot=str(data))
@@ -1081,12 +1145,12 @@ def test_dataset_modes_lengths_and_reproducibility(data):
     assert torch.allclose(b, expected_resize(data / "trainB" / "0.png", 32), atol=1e-6)
 
 # -----------------------------------------------------------------------------
-# command line: train and translate (§9-§11)
+# command line: train and translate (§14-§16)
 # -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", list(dcl.MODES))
 def test_train_then_translate(mode, runs, data, tmp_path, capsys):
-    """§9-§10: `train --max_steps 2` writes a checkpoint, two log rows with the
+    """§14-§16: `train --max_steps 2` writes a checkpoint, two log rows with the
     mode's losses, samples and config.json; `translate` writes one PNG per
     input, at the input's size and relative path (subfolders kept). Training
     runs as a separate process; translate in this one, through dcl.main (the
@@ -1104,15 +1168,19 @@ def test_train_then_translate(mode, runs, data, tmp_path, capsys):
     code, _, err = main_in_process(capsys, "translate", "--checkpoint", run_dir / "ckpt_latest.pt",
                                    "--input", data / "testA", "--output", out, "--device", "cpu")
     assert code == 0, err
-    inputs = sorted(p.relative_to(data / "testA") for p in (data / "testA").rglob("*") if p.is_file())
+    inputs = sorted(
+        p.relative_to(data / "testA") for p in (data / "testA").rglob("*") if p.is_file()
+    )
     assert sorted(p.relative_to(out) for p in out.rglob("*.png")) == \
         sorted(p.with_suffix(".png") for p in inputs) and len(inputs) == 3
     for rel in inputs:
-        assert Image.open(out / rel.with_suffix(".png")).size == Image.open(data / "testA" / rel).size
+        assert (
+            Image.open(out / rel.with_suffix(".png")).size == Image.open(data / "testA" / rel).size
+        )
 
 
 def test_resume_gives_identical_losses_and_weights(data, tmp_path):
-    """§9: 4 steps in one run equal 2 steps, then --continue_train to 4
+    """§15: 4 steps in one run equal 2 steps, then --continue_train to 4
     (FastCUT: patch ids, the flip coin and mid-epoch data all resume)."""
     flags = ["train", "--mode", "fastcut", "--dataroot", data, *TINY, "--deterministic",
              "--seed", 1, "--checkpoints_dir", tmp_path]
@@ -1123,7 +1191,9 @@ def test_resume_gives_identical_losses_and_weights(data, tmp_path):
     a, b = read_log(tmp_path / "A"), read_log(tmp_path / "B")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
     for row_a, row_b in zip(a[2:], b[2:]):
-        assert {k: row_a[k] for k in LOSS_NAMES["fastcut"]} == {k: row_b[k] for k in LOSS_NAMES["fastcut"]}
+        assert {k: row_a[k] for k in LOSS_NAMES["fastcut"]} == {
+            k: row_b[k] for k in LOSS_NAMES["fastcut"]
+        }
     nets_a, nets_b = (torch.load(tmp_path / n / "ckpt_latest.pt", weights_only=True)["nets"]
                       for n in "AB")
     for net in ("G", "D", "H"):
@@ -1131,7 +1201,7 @@ def test_resume_gives_identical_losses_and_weights(data, tmp_path):
 
 
 def test_resume_at_max_steps_trains_nothing(runs, tmp_path):
-    """§9: --max_steps counts steps in all, so continuing a run that already
+    """§14: --max_steps counts steps in all, so continuing a run that already
     reached it (step 2, max_steps 2) trains no further step, and the closing
     advice names --max_steps, the flag that would train longer."""
     _, run_dir = runs("cut")
@@ -1152,7 +1222,7 @@ def translate_in_process(capsys, checkpoint, source, output, *extra):
 
 @pytest.mark.parametrize("mode", list(dcl.MODES))
 def test_checkpoint_round_trip(mode, runs, data, tmp_path, capsys):
-    """§9-§10: the checkpoint loads with weights_only=True; translate's output
+    """§15-§16: the checkpoint loads with weights_only=True; translate's output
     for a 37x29 image equals G(x) computed here (G_ab in two-generator modes,
     built from the stored config, so CycleGAN's is the non-antialiased G):
     reflect-pad to 40x32, G, crop back, (y + 1)/2·255 truncated to uint8."""
@@ -1167,7 +1237,7 @@ def test_checkpoint_round_trip(mode, runs, data, tmp_path, capsys):
 
 @pytest.mark.parametrize("mode", list(dcl.MODES))
 def test_translate_official_state_dict(mode, runs, data, tmp_path, capsys):
-    """§10: G's weights (G_ab's in two-generator modes) saved as an official
+    """§16: G's weights (G_ab's in two-generator modes) saved as an official
     latest_net_G.pth (latest_net_G_A.pth) translate to byte-identical PNGs
     given --mode; without --mode, exit 2 naming --mode."""
     _, run_dir = runs(mode)
@@ -1187,7 +1257,7 @@ def test_translate_official_state_dict(mode, runs, data, tmp_path, capsys):
 
 
 def test_translate_btoa_uses_g_ba(runs, data, tmp_path, capsys):
-    """§10: --direction BtoA on a DCLGAN checkpoint translates with G_ba: on
+    """§16: --direction BtoA on a DCLGAN checkpoint translates with G_ba: on
     testB its PNGs differ from the AtoB ones (G_ab), and the one for 0.png
     equals G_ba(x) computed here from the checkpoint."""
     _, run_dir = runs("dcl")
@@ -1197,7 +1267,9 @@ def test_translate_btoa_uses_g_ba(runs, data, tmp_path, capsys):
     names = sorted(p.name for p in (tmp_path / "ba").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "ab").iterdir()) == ["0.png", "1.png"]
     read = lambda path: np.asarray(Image.open(path))         # noqa: E731
-    assert all(not np.array_equal(read(tmp_path / "ab" / n), read(tmp_path / "ba" / n)) for n in names)
+    assert all(
+        not np.array_equal(read(tmp_path / "ab" / n), read(tmp_path / "ba" / n)) for n in names
+    )
     ckpt = torch.load(checkpoint, weights_only=True)
     G_ba = dcl.make_generator(dcl.TrainConfig(**ckpt["config"]))
     G_ba.load_state_dict(ckpt["nets"]["G_ba"])
@@ -1221,7 +1293,7 @@ def whole_and_resumed(capsys, tmp_path, mode, *flags):
 
 
 def test_resume_cyclegan_restores_the_image_pools(data, tmp_path, capsys):
-    """§9: CycleGAN, 4 steps in one run equal 2 steps, then --continue_train
+    """§15: CycleGAN, 4 steps in one run equal 2 steps, then --continue_train
     to 4: identical log rows 3-4 and identical nets, the pools' images and
     counts included. --pool_size 1 makes the pools full after step 1, so from
     step 2 on D sees a random mix of the restored pool and new fakes (torch
@@ -1231,25 +1303,39 @@ def test_resume_cyclegan_restores_the_image_pools(data, tmp_path, capsys):
     ckpt_a, ckpt_b = whole_and_resumed(capsys, tmp_path, "cyclegan", "--dataroot", data,
                                        "--pool_size", 1)
     nets_a, nets_b = ckpt_a["nets"], ckpt_b["nets"]
-    assert [nets[p]["_extra_state"] for nets in (nets_a, nets_b) for p in ("pool_a", "pool_b")] == [1] * 4
+    assert [nets[p]["_extra_state"] for nets in (nets_a, nets_b) for p in ("pool_a", "pool_b")] == [
+        1
+    ] * 4
     for net in dcl.MODES["cyclegan"].networks:
         assert nets_a[net].keys() == nets_b[net].keys()
-        assert all(torch.equal(nets_a[net][k], nets_b[net][k]) for k in nets_a[net] if k != "_extra_state")
+        assert all(
+            torch.equal(nets_a[net][k], nets_b[net][k]) for k in nets_a[net] if k != "_extra_state"
+        )
 
 
 def test_translate_never_overwrites_its_own_output(runs, data, tmp_path, capsys):
-    """§10: translate writes one PNG per input (F8): x.jpg and x.png in one
+    """§16: translate writes one PNG per input (F8): x.jpg and x.png in one
     folder become x.jpg.png and x.png.png instead of overwriting one x.png."""
     _, run_dir = runs("cut")
     shutil.copy(data / "testA" / "0.jpg", tmp_path / "x.jpg")
     shutil.copy(data / "trainB" / "0.png", tmp_path / "x.png")
-    code, _, err = main_in_process(capsys, "translate", "--checkpoint", run_dir / "ckpt_latest.pt",
-                                   "--input", tmp_path, "--output", tmp_path / "out", "--device", "cpu")
+    code, _, err = main_in_process(
+        capsys,
+        "translate",
+        "--checkpoint",
+        run_dir / "ckpt_latest.pt",
+        "--input",
+        tmp_path,
+        "--output",
+        tmp_path / "out",
+        "--device",
+        "cpu",
+    )
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.jpg.png", "x.png.png"]
 
 # -----------------------------------------------------------------------------
-# command line: errors, --help, size (§11)
+# command line: errors, --help, size (§11, §19)
 # -----------------------------------------------------------------------------
 
 def bad_input(case, tmp_path, data, runs):
@@ -1280,7 +1366,12 @@ def bad_input(case, tmp_path, data, runs):
     if case == "output_is_input":
         return translate + ["--input", data / "testA", "--output", data / "testA"], "--output"
     if case == "simdcl_too_few_positions":                  # 32 px: taps 12 and 16 have 8·8 = 64
-        return train + ["--dataroot", data, "--mode", "simdcl", "--num_patches", 256], "--num_patches"
+        return (
+            train + ["--dataroot", data, "--mode", "simdcl", "--num_patches", 256],
+            "--num_patches",
+        )
+    if case == "similarity_without_heads":                  # only SimDCL builds the mapping heads
+        return train + ["--dataroot", data, "--mode", "dcl", "--lambda_SIM", 10], "--mode simdcl"
     if case == "crop_too_small":                            # D's last norm would see 1x1 maps
         return train + ["--dataroot", data, "--load_size", 20, "--crop_size", 20], "at least 24"
     if case == "bench_no_steps":
@@ -1297,15 +1388,18 @@ def bad_input(case, tmp_path, data, runs):
 @pytest.mark.parametrize("case", ["missing_dataroot", "trainA_missing", "trainB_empty",
                                   "unknown_mode", "crop_larger_than_load", "not_a_checkpoint",
                                   "btoa", "output_is_input", "simdcl_too_few_positions",
+                                  "similarity_without_heads",
                                   "crop_too_small", "bench_no_steps", "resume_with_other_world",
                                   "empty_input"])
 def test_bad_input_is_one_line_and_exit_2(case, tmp_path, data, runs, capsys):
-    """§11: every mistake in the command, data or files exits with status 2 and
+    """§19: every mistake in the command, data or files exits with status 2 and
     one stderr line "error: ..." naming the path or flag, without a traceback.
     Run in-process through dcl.main (the same code path as the command line;
     all of these fail before training starts) to keep the suite fast.
-    SimDCL stacks S patches of every tapped layer; at 32 px the taps 12 and 16
-    have 8·8 = 64 positions, so S = 256 is refused before any run folder exists.
+    --lambda_SIM outside SimDCL is refused (DCLGAN builds no mapping heads; before,
+    the flag was silently ignored). SimDCL stacks S patches of every tapped layer;
+    at 32 px the taps 12 and 16 have 8·8 = 64 positions, so S = 256 is refused
+    before any run folder exists.
     A run stopped mid-epoch in 2 processes resumes only in 2: the shards of the
     rest of its epoch depend on the process count."""
     argv, needle = bad_input(case, tmp_path, data, runs)
@@ -1319,7 +1413,7 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path, data, runs, capsys):
 
 
 def test_existing_run_is_refused_untouched(runs, data, tmp_path, capsys):
-    """§9: train with the name of a run that has ckpt_latest.pt, without
+    """§14: train with the name of a run that has ckpt_latest.pt, without
     --continue_train, exits 2 and leaves the checkpoint byte for byte."""
     _, run_dir = runs("cut")
     shutil.copytree(run_dir, tmp_path / "cut")
@@ -1332,7 +1426,7 @@ def test_existing_run_is_refused_untouched(runs, data, tmp_path, capsys):
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_unreadable_domain_stops_training(workers, runs, data, tmp_path):
-    """§7, §9: when every trainA file is garbage, each read is skipped for
+    """§12, §14: when every trainA file is garbage, each read is skipped for
     another until ten in a row fail; then the run stops with an error as its
     last line, naming the folder and a file, after nothing but warnings,
     exit 2, no traceback, and the run's
@@ -1359,7 +1453,7 @@ def test_unreadable_domain_stops_training(workers, runs, data, tmp_path):
 
 
 def test_corrupt_image_is_skipped_and_counted(data, tmp_path, capsys):
-    """§7: one corrupt file among good ones is skipped with a warning naming
+    """§12: one corrupt file among good ones is skipped with a warning naming
     it, replaced by another image of its domain, counted in the closing
     summary, and training finishes (exit 0). With --serial_batches and 4 A
     images, 4 steps read every A file once, so the bad one is met."""
@@ -1368,12 +1462,15 @@ def test_corrupt_image_is_skipped_and_counted(data, tmp_path, capsys):
     code, out, err = train_in_process(capsys, "--dataroot", tmp_path / "d", *TINY, "--max_steps", 4,
                                       "--serial_batches", "--checkpoints_dir", tmp_path / "ck")
     assert code == 0, err
-    assert "warning: skipping unreadable image" in err and str(tmp_path / "d" / "trainA" / "1.png") in err
+    assert (
+        "warning: skipping unreadable image" in err
+        and str(tmp_path / "d" / "trainA" / "1.png") in err
+    )
     assert "skipped 1 reads of unreadable images" in out
 
 
 def test_help_lists_every_config_field(capsys):
-    """§11: `train --help` has one flag per TrainConfig field."""
+    """§19: `train --help` has one flag per TrainConfig field."""
     code, out, _ = main_in_process(capsys, "train", "--help")
     assert code == 0
     flags = set(re.findall(r"(?m)^\s+--(\w+)", out))
@@ -1399,14 +1496,54 @@ def line_kinds(text: str) -> list:
     return kinds
 
 
-def test_line_budget():
-    """The size rule: dcl.py holds at most 1,650 code lines and 3,000 lines in all."""
-    kinds = line_kinds(Path(dcl.__file__).read_text())
+def section_shares(text: str) -> dict:
+    """{banner title: explanation share}, a section being the lines from one
+    `# N. Title` banner (after a rule line) to the next; the share is
+    (docstring + comment lines) / (those + code lines)."""
+    lines, kinds = text.splitlines(), line_kinds(text)
+    counts, title = {}, "0. module top"
+    for i, line in enumerate(lines):
+        match = re.match(r"#\s+(\d+\.\s.*)", line)
+        if match and i and set(lines[i - 1].strip()) <= set("#-= "):
+            title = match.group(1).strip()
+        counts.setdefault(title, Counter())[kinds[i]] += 1
+    return {t: (c["doc"] + c["comment"]) / (c["doc"] + c["comment"] + c["code"])
+            for t, c in counts.items()}
+
+
+def test_line_budget_and_tutorial_shape():
+    """The size rule: dcl.py holds at most 1,650 code lines and 3,000 lines in
+    all, no line longer than 100 characters, and no reference to a document the
+    repository does not ship; nor has test_dcl.py. It reads as a tutorial:
+    sections 1-10 (Part I, the methods) before 11-19 (Part II), each Part I section at least 45%
+    explanation, the file at least 35%; the module docstring lists a reading
+    path for every mode, and every note F1-F20 it defines."""
+    text = Path(dcl.__file__).read_text()
+    kinds = line_kinds(text)
     assert kinds.count("code") <= 1650 and len(kinds) <= 3000
+    assert max(len(line) for line in text.splitlines()) <= 100
+    unshipped = r"methods[.]md|\bQ\d{1,2}\b|task[ ]spec"
+    assert not re.search(unshipped, text)
+    tests = Path(__file__).read_text()                        # this file follows the same rules
+    assert max(len(line) for line in tests.splitlines()) <= 100 and not re.search(unshipped, tests)
+    shares = section_shares(text)
+    numbers = [int(t.split(".")[0]) for t in shares]
+    assert numbers == list(range(20))
+    part_one = {t: v for t, v in shares.items() if 1 <= int(t.split(".")[0]) <= 10}
+    assert all(v >= 0.45 for v in part_one.values()), part_one
+    explained = sum(kinds.count(k) for k in ("doc", "comment"))
+    assert explained / (explained + kinds.count("code")) >= 0.35
+    assert (
+        text.index("PART I.") < text.index("# 1. ") < text.index("PART II.") < text.index("# 11. ")
+    )
+    paths = dcl.__doc__.split("Reading paths")[1].split("Letters")[0]
+    assert all(re.search(rf"^  {name}\s", paths, re.M) for name in
+               ("CUT", "FastCUT", "NEGCUT", "FastNEGCUT", "DCLGAN", "SimDCL", "CycleGAN"))
+    assert all(f"  F{i} " in dcl.__doc__ for i in range(1, 21))
 
 
 # -----------------------------------------------------------------------------
-# NEGCUT: the negative generator N, the momentum head H_ema, the loss, the step (§5, §6, §8)
+# NEGCUT: the negative generator N, the momentum head H_ema, the loss, the step (§7)
 # -----------------------------------------------------------------------------
 
 def unit_rows(t):
@@ -1414,7 +1551,7 @@ def unit_rows(t):
 
 
 def test_negative_generator_parameters_and_keys():
-    """§5 (methods.md §1.9, §1.10): N has one MLP per tapped layer, Linear(E + 64 → E),
+    """§7 (the official NEGCUT code's N): N has one MLP per tapped layer, Linear(E + 64 → E),
     ReLU, Linear(E → E), keys mlp_{l}.0 (E×(E+64)) and mlp_{l}.2 (E×E). At E = 256 and
     5 layers: 5·(320·256 + 256 + 256·256 + 256) = 5·147,968 = 739,840 parameters.
     NEGCUT at official sizes trains G + D + H + N = 11,378,179 + 2,764,737 + 560,384
@@ -1425,7 +1562,9 @@ def test_negative_generator_parameters_and_keys():
                          **weight_and_bias(f"mlp_{l}.2", (256, 256))})
     with torch.device("meta"):
         N = dcl.NegativeGenerator(5, 256)
-        nets = dcl.build_networks(dcl.resolve_config({"mode": "negcut", "dataroot": "x"})[0], "meta")
+        nets = dcl.build_networks(
+            dcl.resolve_config({"mode": "negcut", "dataroot": "x"})[0], "meta"
+        )
     assert shapes(N) == expected and dcl.count_parameters(N) == 739_840
     assert list(nets) == ["G", "D", "H", "N", "H_ema"] and shapes(nets["N"]) == expected
     trained = sum(p.numel() for net in nets.values() for p in net.parameters() if p.requires_grad)
@@ -1434,7 +1573,7 @@ def test_negative_generator_parameters_and_keys():
 
 
 def test_negative_generator_output():
-    """§5 (methods.md §1.9 steps 3-5): for L lists of n×E means, N returns L tensors
+    """§7 (the official NEGCUT code's N): for L lists of n×E means, N returns L tensors
     (n·256)×E of unit rows, image-major: row b·256 + j = unit(MLP_l([v_b; z_bj])), with
     z ~ N(0, I₆₄) drawn as one n×256×64 tensor per layer (reproduced here, one image
     at a time, from the same seed). The noise is fresh on every call (two calls
@@ -1451,8 +1590,9 @@ def test_negative_generator_output():
         z = torch.randn(2, 256, 64)
         for b in range(2):
             y = getattr(N, f"mlp_{l}")(torch.cat([v[b].expand(256, -1), z[b]], dim=1))
-            assert torch.allclose(out[l][b * 256:(b + 1) * 256], y / (y.norm(dim=1, keepdim=True) + 1e-7),
-                                  atol=1e-6)
+            assert torch.allclose(
+                out[l][b * 256 : (b + 1) * 256], y / (y.norm(dim=1, keepdim=True) + 1e-7), atol=1e-6
+            )
     assert [o.shape for o in out] == [(512, 16)] * 2
     assert all(torch.allclose(o.norm(dim=1), torch.ones(512), atol=1e-6) for o in out)
     assert not torch.equal(N(means)[0], N(means)[0])          # fresh noise per call
@@ -1460,12 +1600,14 @@ def test_negative_generator_output():
     changed[0][1] += 1.0
     torch.manual_seed(1)
     again = N(changed)
-    assert torch.equal(again[0][:256], out[0][:256]) and not torch.equal(again[0][256:], out[0][256:])
+    assert torch.equal(again[0][:256], out[0][:256]) and not torch.equal(
+        again[0][256:], out[0][256:]
+    )
     assert torch.equal(again[1], out[1])
 
 
 def test_mean_embedding_equals_a_slow_reference():
-    """§5 (methods.md §1.9 steps 1-2, Q6): mean_embedding sends every position of each
+    """§7 (the official NEGCUT code): mean_embedding sends every position of each
     map (not a sample) through MLP_l, unit-normalises each E-vector (x/(‖x‖ + 1e-7)),
     and averages over the positions without renormalising: a loop over the positions
     agrees to 1e-6, and the mean of differing unit vectors is shorter than 1."""
@@ -1486,19 +1628,23 @@ def test_mean_embedding_equals_a_slow_reference():
 
 
 def slow_negcut_nce(q, k, negatives, n, tau):
-    """NEGCUT's loss one row at a time (methods.md §2.4): query i of image b against
-    its positive key, then image b's 256 generated negatives; no diagonal, class 0."""
+    """NEGCUT's loss one row at a time (the official NEGCUT code, models/losses.py):
+    query i of image b against its positive key, then image b's 256 generated
+    negatives; no diagonal, class 0."""
     S, losses = q.shape[0] // n, []
     for b in range(n):
         for i in range(S):
             qi = q[b * S + i]
-            logits = torch.cat([(qi @ k[b * S + i])[None], negatives[b * 256:(b + 1) * 256] @ qi]) / tau
+            logits = (
+                torch.cat([(qi @ k[b * S + i])[None], negatives[b * 256 : (b + 1) * 256] @ qi])
+                / tau
+            )
             losses.append(-torch.log_softmax(logits, 0)[0])
     return torch.stack(losses)
 
 
 def test_patch_nce_with_generated_negatives_equals_slow_loop():
-    """§6 (methods.md §2.4): with `negatives`, each query of image b is compared with
+    """§4, §7 (the official NEGCUT code): with `negatives`, each query of image b is compared with
     its positive key and image b's own 256 negatives only, with no diagonal mask:
     equal to a loop over 2 images × 5 patches to 1e-6. Image 0's losses do not depend
     on image 1's negatives. The keys get no gradient, the negatives do (in G's step
@@ -1519,7 +1665,7 @@ def test_patch_nce_with_generated_negatives_equals_slow_loop():
 
 
 def test_diversity_loss():
-    """§6 (methods.md §3.3 step 2): L_div = (1/L)·Σ_l λ_MS·(−mean|N_l[:, :128] − N_l[:, 128:]|)
+    """§7 (the official NEGCUT code): L_div = (1/L)·Σ_l λ_MS·(−mean|N_l[:, :128] − N_l[:, 128:]|)
     with N_l viewed n×256×E. Negatives made of 128 rows repeated twice per image give
     exactly 0; for random ones (n = 2, E = 8, L = 2, λ_MS = 0.7) it equals
     −0.7·(m_0 + m_1)/2 with m_l the mean over the 2×128×8 absolute differences."""
@@ -1529,13 +1675,15 @@ def test_diversity_loss():
     assert dcl.diversity_loss([twins, twins], 2, 1.0).item() == 0.0
     negs = [unit_rows(torch.randn(512, 8)) for _ in range(2)]
     m = [(n.view(2, 256, 8)[:, :128] - n.view(2, 256, 8)[:, 128:]).abs().mean() for n in negs]
-    assert dcl.diversity_loss(negs, 2, 0.7).item() == pytest.approx(-0.7 * (m[0] + m[1]).item() / 2, rel=1e-6)
+    assert dcl.diversity_loss(negs, 2, 0.7).item() == pytest.approx(
+        -0.7 * (m[0] + m[1]).item() / 2, rel=1e-6
+    )
 
 
 def test_negcut_makes_num_patches_negatives(monkeypatch):
-    """§5, §6, §8 (F16): N makes --num_patches negatives per image and layer, as the
+    """§7 (F16): N makes --num_patches negatives per image and layer, as the
     official code does (noise n×num_patches×64), and L_div splits them into halves
-    of num_patches/2. At --num_patches 10 and batch 2, one cut_step's N loss equals
+    of num_patches/2. At --num_patches 10 and batch 2, one negcut_step's N loss equals
     −0.5·(NCE + NCE_Y) + L_div computed here from copies of the nets with the same
     seed, with a loop over the 10 negatives of each image for L_div; an odd
     --num_patches (the official code crashes on it) is refused with one line."""
@@ -1558,7 +1706,9 @@ def test_negcut_makes_num_patches_negatives(monkeypatch):
     assert [n.shape for n in last.negatives] == [(20, 16)] * 5
     terms = []
     for negs in last.negatives:                            # (2·10)×16, image-major
-        diffs = [(negs[b * 10 + j] - negs[b * 10 + 5 + j]).abs() for b in range(2) for j in range(5)]
+        diffs = [
+            (negs[b * 10 + j] - negs[b * 10 + 5 + j]).abs() for b in range(2) for j in range(5)
+        ]
         terms.append(-torch.stack(diffs).mean())
     expected = -0.5 * (nce.loss + last.loss) + torch.stack(terms).mean()
     assert losses["N"].item() == pytest.approx(expected.item(), rel=1e-6)
@@ -1575,11 +1725,11 @@ def negcut_setup(seed=0):
 
 
 def test_negcut_n_step_objective():
-    """§8 (methods.md §3.3 step 2, Q34): cut_step's logged N loss is
+    """§7 (F16): negcut_step's logged N loss is
         L_N = −0.5·(NCE(real_a→fake_b) + NCE(real_b→idt_b)) + L_div(negatives of the
     identity branch, the last one computed), each NCE with N's negatives; recomputed
     here from copies of the nets made before the step, with the same seed (between the
-    seed and the N step cut_step draws nothing: NEGCUT has no flip coin and D no
+    seed and the N step negcut_step draws nothing: NEGCUT has no flip coin and D no
     randomness), to 1e-6. L_div of the first branch's negatives would differ."""
     cfg, nets, opts, real_a, real_b = negcut_setup()
     copies = copy.deepcopy(nets)
@@ -1602,10 +1752,10 @@ def test_negcut_n_step_objective():
 
 
 def test_negcut_sign_test():
-    """§8 (methods.md §3.3): the min-max game has the right signs. On a fixed image x,
+    """§7: the min-max game has the right signs. On a fixed image x,
     with a fixed seed before every evaluation (equal patch ids and noise),
     NCE(x → G(x)) with N's negatives rises after one Adam step of N (the preset's
-    Adam(2e-4, (0.5, 0.999))) on L_N = −NCE + L_div computed with n_step=True, and
+    Adam(2e-4, (0.5, 0.999))) on L_N = −NCE + L_div computed with negatives_only=True, and
     falls after one Adam step of G and H on that NCE (N frozen, negatives not
     detached). Measured with these seeds: 3.86 → 7.06 → 0.98, far beyond noise."""
     cfg, nets, opts, real_a, _ = negcut_setup()
@@ -1633,7 +1783,7 @@ def test_negcut_sign_test():
 
 
 def test_negcut_step_gradient_routing():
-    """§8 (methods.md §3.3, Q30, Q31): at N's Adam step inside cut_step, every parameter
+    """§7 (F16): at N's Adam step inside negcut_step, every parameter
     of N has a gradient and G, H and H_ema none (N's inputs ran without gradient);
     at G's step N's gradients are still those of the N step (frozen: nothing added),
     H_ema has none (requires_grad False), and G's first conv and every MLP of H have
@@ -1654,11 +1804,11 @@ def test_negcut_step_gradient_routing():
 
 
 def test_negcut_gradient_reaches_the_key_encoder():
-    """§6 (methods.md §3.3 step 3): in G's step the negatives are not detached, so the
+    """§4, §7 (the official NEGCUT code): in G's step the negatives are not detached, so the
     NCE reaches the encoder on the *source* image through H_ema's mean embedding and
     N (both frozen), the only key-side path. With a separate key encoder G_key (a copy
     of G; the query side uses G), NCE(real_a → fake_b) with negcut gives G_key's first
-    conv a non-zero gradient; in N's own step (n_step=True) and without negcut (CUT:
+    conv a non-zero gradient; in N's own step (negatives_only=True) and without negcut (CUT:
     keys detached) G_key gets none. H_ema and the frozen N get none either way."""
     cfg, nets, _, real_a, real_b = negcut_setup()
     nets["N"].requires_grad_(False)                           # as during G's step
@@ -1681,8 +1831,8 @@ def test_negcut_gradient_reaches_the_key_encoder():
 
 
 def test_negcut_ema_update():
-    """§8 (methods.md §3.3 step 4, Q32, Q33): H_ema starts from its own random init
-    (not a copy of H), and after one cut_step every parameter of H_ema equals
+    """§7 (F16): H_ema starts from its own random init
+    (not a copy of H), and after one negcut_step every parameter of H_ema equals
     0.9·(its value before) + 0.1·(H's value after H's Adam step), to 1e-6."""
     cfg, nets, opts, real_a, real_b = negcut_setup()
     H, H_ema = nets["H"], nets["H_ema"]
@@ -1695,11 +1845,13 @@ def test_negcut_ema_update():
 
 
 def test_negcut_presets_and_optimizers():
-    """§1, §8 (methods.md §3.3, Q29): NEGCUT = CUT's settings (λ_NCE 1, identity NCE,
+    """§10, §13 (the official NEGCUT defaults; F16): NEGCUT = CUT's settings (λ_NCE 1, identity NCE,
     no flip, 200 + 200 epochs) with λ_MS 1; FastNEGCUT = FastCUT's (λ_NCE 10, flip,
     no identity, 150 + 50) with λ_MS 1; both lsgan, taps 0,4,8,12,16, S 256, τ 0.07,
     no pool. N's Adam runs at --lr and --beta1: (2e-4, (0.5, 0.999)), like G, D, H."""
-    neg, fast = (dcl.resolve_config({"mode": m, "dataroot": "x"})[0] for m in ("negcut", "fastnegcut"))
+    neg, fast = (
+        dcl.resolve_config({"mode": m, "dataroot": "x"})[0] for m in ("negcut", "fastnegcut")
+    )
     key = lambda c: (c.lambda_NCE, c.nce_idt, c.flip_equivariance, c.lambda_MS_neg,  # noqa: E731
                      c.n_epochs, c.n_epochs_decay)
     assert key(neg) == (1.0, True, False, 1.0, 200, 200)
@@ -1715,29 +1867,48 @@ def test_negcut_presets_and_optimizers():
 
 
 def test_resume_negcut(data, tmp_path, capsys):
-    """§9: NEGCUT, 4 steps in one run equal 2 steps, then --continue_train to 4:
+    """§15: NEGCUT, 4 steps in one run equal 2 steps, then --continue_train to 4:
     identical log rows 3-4 (N included) and identical weights of every net, N and
     H_ema included (the noise z comes from the restored torch RNG). In-process, as
     for CycleGAN."""
     ckpt_a, ckpt_b = whole_and_resumed(capsys, tmp_path, "negcut", "--dataroot", data,
                                        "--display_freq", 100)
     nets_a, nets_b = ckpt_a["nets"], ckpt_b["nets"]
-    assert set(nets_a) == set(dcl.MODES["negcut"].networks) and set(ckpt_a["optimizers"]) == {"G", "D", "H", "N"}
+    assert set(nets_a) == set(dcl.MODES["negcut"].networks) and set(ckpt_a["optimizers"]) == {
+        "G",
+        "D",
+        "H",
+        "N",
+    }
     for net in dcl.MODES["negcut"].networks:
         assert all(torch.equal(nets_a[net][k], nets_b[net][k]) for k in nets_a[net]), net
 
 
 def test_negcut_without_nce(data, tmp_path, capsys):
-    """§8: `--mode negcut --lambda_NCE 0` leaves N nothing to do (no NCE term, so no
+    """§7: `--mode negcut --lambda_NCE 0` leaves N nothing to do (no NCE term, so no
     negatives). It must not crash: either it trains (exit 0) or it refuses in one
     line naming --lambda_NCE (exit 2)."""
-    code, _, err = train_in_process(capsys, "--mode", "negcut", "--lambda_NCE", 0, "--dataroot", data, *TINY,
-                                    "--max_steps", 1, "--display_freq", 100, "--checkpoints_dir", tmp_path)
+    code, _, err = train_in_process(
+        capsys,
+        "--mode",
+        "negcut",
+        "--lambda_NCE",
+        0,
+        "--dataroot",
+        data,
+        *TINY,
+        "--max_steps",
+        1,
+        "--display_freq",
+        100,
+        "--checkpoints_dir",
+        tmp_path,
+    )
     assert code == 0 or (code == 2 and err.count("\n") == 1 and "--lambda_NCE" in err), err
 
 
 # -----------------------------------------------------------------------------
-# perceptual loss (§6, §8)
+# perceptual loss (§9)
 # -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -1778,7 +1949,7 @@ def perceptual_by_hand(features, a, b, weights):
 
 
 def test_perceptual_loss_with_random_weights(fast_vgg, random_vgg16):
-    """§6 (methods.md §2.6): Perceptual("random") keeps torchvision's VGG16 features[:23]
+    """§9: Perceptual("random") keeps torchvision's VGG16 features[:23]
     (the same layer types and shapes, 7,635,264 parameters: the 14,714,688 of
     `features` minus three 512→512 convs of 2,359,808 after relu4_3), with ReLUs at
     relu1_2 = 3, relu2_2 = 8, relu3_3 = 15, relu4_3 = 22 and weights 1/16, 1/8, 1/4, 1.
@@ -1792,11 +1963,18 @@ def test_perceptual_loss_with_random_weights(fast_vgg, random_vgg16):
     assert [type(m) for m in vgg.features] == [type(m) for m in reference]
     assert shapes(vgg.features) == shapes(reference) and dcl.count_parameters(vgg) == 7_635_264
     assert dcl.VGG_LAYERS == {"relu1_2": 3, "relu2_2": 8, "relu3_3": 15, "relu4_3": 22}
-    assert dcl.VGG_WEIGHTS == {"relu1_2": 1 / 16, "relu2_2": 1 / 8, "relu3_3": 1 / 4, "relu4_3": 1.0}
+    assert dcl.VGG_WEIGHTS == {
+        "relu1_2": 1 / 16,
+        "relu2_2": 1 / 8,
+        "relu3_3": 1 / 4,
+        "relu4_3": 1.0,
+    }
     assert all(isinstance(vgg.features[i], torch.nn.ReLU) for i in (3, 8, 15, 22))
     assert set(vgg.state_dict()) == {f"features.{k}" for k in reference.state_dict()}
     vgg.train()
-    assert not any(m.training for m in vgg.modules()) and not any(p.requires_grad for p in vgg.parameters())
+    assert not any(m.training for m in vgg.modules()) and not any(
+        p.requires_grad for p in vgg.parameters()
+    )
     torch.manual_seed(0)
     a, b = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
     assert vgg(a, a.clone()).item() == 0.0 and vgg(a, a.clone(), content=True).item() == 0.0
@@ -1814,7 +1992,7 @@ def test_perceptual_loss_with_random_weights(fast_vgg, random_vgg16):
 
 
 def test_perceptual_loads_torchvision_weights(fast_vgg, random_vgg16, tmp_path, monkeypatch):
-    """§6: a state dict in torchvision's format (features.N and classifier.N keys, saved
+    """§9: a state dict in torchvision's format (features.N and classifier.N keys, saved
     as vgg16-397923af.pth; the classifier is shrunk here to keep the file small, its
     keys are dropped anyway) and a features-only one ("0.weight", ...) both load: the
     kept convs equal the saved tensors, and the convs after relu4_3 in the file are
@@ -1822,16 +2000,24 @@ def test_perceptual_loads_torchvision_weights(fast_vgg, random_vgg16, tmp_path, 
     path, the file is read from torch.hub.get_dir()/checkpoints, i.e.
     $TORCH_HOME/hub/checkpoints, torchvision's cache."""
     torch.manual_seed(3)
-    features = {f"features.{k}": torch.randn_like(v) for k, v in random_vgg16.features.state_dict().items()}
-    classifier = {f"classifier.{i}.{p}": torch.randn(4, 2) for i in (0, 3, 6) for p in ("weight", "bias")}
+    features = {
+        f"features.{k}": torch.randn_like(v) for k, v in random_vgg16.features.state_dict().items()
+    }
+    classifier = {
+        f"classifier.{i}.{p}": torch.randn(4, 2) for i in (0, 3, 6) for p in ("weight", "bias")
+    }
     full, bare = tmp_path / dcl.VGG_FILE, tmp_path / "features_only.pth"
     torch.save({**features, **classifier}, full)
     torch.save({k.removeprefix("features."): v for k, v in features.items()}, bare)
     for path in (full, bare):
         state = dcl.Perceptual(str(path)).features.state_dict()
-        assert len(state) == 20 and all(torch.equal(v, features[f"features.{k}"]) for k, v in state.items())
+        assert len(state) == 20 and all(
+            torch.equal(v, features[f"features.{k}"]) for k, v in state.items()
+        )
     torch.save({"conv1.weight": torch.zeros(3)}, tmp_path / "wrong.pth")
-    with pytest.raises(dcl.UserError, match=r"wrong\.pth \(VGG16\) does not fit .*missing \['0\.bias'"):
+    with pytest.raises(
+        dcl.UserError, match=r"wrong\.pth \(VGG16\) does not fit .*missing \['0\.bias'"
+    ):
         dcl.Perceptual(str(tmp_path / "wrong.pth"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
     (tmp_path / "home" / "hub" / "checkpoints").mkdir(parents=True)
@@ -1840,16 +2026,31 @@ def test_perceptual_loads_torchvision_weights(fast_vgg, random_vgg16, tmp_path, 
 
 
 @pytest.mark.parametrize("given", ["", "missing.pth"])
-def test_missing_vgg_weights_fail_before_training(given, fast_vgg, data, tmp_path, capsys, monkeypatch):
-    """§6, §8: `train --lambda_perc 1` without the weights file (none in an empty
+def test_missing_vgg_weights_fail_before_training(
+    given, fast_vgg, data, tmp_path, capsys, monkeypatch
+):
+    """§9, §13: `train --lambda_perc 1` without the weights file (none in an empty
     TORCH_HOME's cache, or a --vgg_weights path that does not exist) exits 2 with one
     error line naming vgg16-397923af.pth, the path looked at and --vgg_weights, before
     any step: no run folder is made."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
-    looked_at = tmp_path / given if given else tmp_path / "home" / "hub" / "checkpoints" / dcl.VGG_FILE
-    code, _, err = train_in_process(capsys, "--dataroot", data, *TINY, "--max_steps", 1, "--lambda_perc", 1,
-                                    "--vgg_weights", str(looked_at) if given else "",
-                                    "--checkpoints_dir", tmp_path / "ck")
+    looked_at = (
+        tmp_path / given if given else tmp_path / "home" / "hub" / "checkpoints" / dcl.VGG_FILE
+    )
+    code, _, err = train_in_process(
+        capsys,
+        "--dataroot",
+        data,
+        *TINY,
+        "--max_steps",
+        1,
+        "--lambda_perc",
+        1,
+        "--vgg_weights",
+        str(looked_at) if given else "",
+        "--checkpoints_dir",
+        tmp_path / "ck",
+    )
     assert code == 2 and err.startswith("error:") and err.count("\n") == 1, err
     assert dcl.VGG_FILE in err and str(looked_at) in err and "--vgg_weights" in err
     assert not (tmp_path / "ck").exists()
@@ -1857,13 +2058,31 @@ def test_missing_vgg_weights_fail_before_training(given, fast_vgg, data, tmp_pat
 
 @pytest.mark.parametrize("mode", ["cut", "dcl", "cyclegan"])
 def test_train_with_perceptual_loss(mode, fast_vgg, data, tmp_path, capsys):
-    """§8-§9: `train --lambda_perc 1 --lambda_perc_content 0.5 --vgg_weights random
+    """§9, §14: `train --lambda_perc 1 --lambda_perc_content 0.5 --vgg_weights random
     --max_steps 2` exits 0 with a finite, positive perc in every log row; VGG is
     neither in the checkpoint's nets nor an optimiser family of its own."""
-    code, _, err = train_in_process(capsys, "--mode", mode, "--dataroot", data, *TINY, "--max_steps", 2,
-                                    "--lambda_perc", 1, "--lambda_perc_content", 0.5, "--vgg_weights",
-                                    "random", "--display_freq", 100, "--checkpoints_dir", tmp_path,
-                                    "--name", "r")
+    code, _, err = train_in_process(
+        capsys,
+        "--mode",
+        mode,
+        "--dataroot",
+        data,
+        *TINY,
+        "--max_steps",
+        2,
+        "--lambda_perc",
+        1,
+        "--lambda_perc_content",
+        0.5,
+        "--vgg_weights",
+        "random",
+        "--display_freq",
+        100,
+        "--checkpoints_dir",
+        tmp_path,
+        "--name",
+        "r",
+    )
     assert code == 0, err
     rows = read_log(tmp_path / "r")
     assert len(rows) == 2 and all(math.isfinite(r["perc"]) and r["perc"] > 0 for r in rows)
@@ -1875,7 +2094,7 @@ def test_train_with_perceptual_loss(mode, fast_vgg, data, tmp_path, capsys):
 
 @pytest.mark.parametrize("mode", ["cut", "dcl", "cyclegan"])
 def test_perceptual_step_leaves_vgg_frozen(mode, fast_vgg):
-    """§8: with the perceptual terms on, VGG is in no optimiser, has no gradient when
+    """§9: with the perceptual terms on, VGG is in no optimiser, has no gradient when
     Adam steps G, stays in eval mode, and its parameters are unchanged by the step,
     while the step's perc term is positive."""
     cfg = tiny_cfg(mode=mode, lambda_perc=1.0, lambda_perc_content=0.5, vgg_weights="random")
@@ -1906,7 +2125,7 @@ class RecordingVGG(torch.nn.Module):
 
 
 def test_perceptual_terms_known_answer():
-    """§6: perceptual_terms = λ_perc·Σ_sets mean_pairs L_perc + λ_content·mean_pairs L_content.
+    """§9: perceptual_terms = λ_perc·Σ_sets mean_pairs L_perc + λ_content·mean_pairs L_content.
     With constant images 0, 0.2, 0.5, 0.9, the stub's L_perc is |difference| and
     L_content 10·|difference|: sets [[(0, 0.2), (0.5, 0.9)], [(0, 0.9)], []] and
     content pairs [(0, 0.5), (0.2, 0.9)] at λ_perc 2, λ_content 0.5 give
@@ -1915,7 +2134,9 @@ def test_perceptual_terms_known_answer():
     a, b, c, d = (torch.full((1, 3, 4, 4), v) for v in (0.0, 0.2, 0.5, 0.9))
     sets, content = [[(a, b), (c, d)], [(a, d)], []], [(a, c), (b, d)]
     cfg = tiny_cfg(lambda_perc=2.0, lambda_perc_content=0.5)
-    assert dcl.perceptual_terms({"vgg": RecordingVGG()}, cfg, sets, content).item() == pytest.approx(5.4)
+    assert dcl.perceptual_terms(
+        {"vgg": RecordingVGG()}, cfg, sets, content
+    ).item() == pytest.approx(5.4)
     only_content = dataclasses.replace(cfg, lambda_perc=0.0)
     assert dcl.perceptual_terms({"vgg": RecordingVGG()}, only_content, sets, content).item() == \
         pytest.approx(3.0)
@@ -1924,17 +2145,20 @@ def test_perceptual_terms_known_answer():
 
 @pytest.mark.parametrize("mode", ["cut", "dcl", "cyclegan"])
 def test_perceptual_pairs_of_each_step(mode):
-    """§8 (methods.md §2.6): where the perceptual terms apply, and with which weight
+    """§9: where the perceptual terms apply, and with which weight
     (λ_perc 2, λ_content 0.5; two-sided modes average the directions with 0.5):
       CUT       2·L(idt_b, real_b) + 0.5·C(fake_b, real_a)
-      DCLGAN    2·½[L(idt_b, real_b) + L(idt_a, real_a)] + 0.5·½[C(fake_b, real_a) + C(fake_a, real_b)]
+      DCLGAN    2·½[L(idt_b, real_b) + L(idt_a, real_a)]
+                + 0.5·½[C(fake_b, real_a) + C(fake_a, real_b)]
       CycleGAN  the same plus 2·½[L(rec_a, real_a) + L(rec_b, real_b)]
     The stub records each call: the targets are the real images, the outputs carry
     gradient and equal the generators' outputs computed here before the step (to
     1e-5), and the step's perc equals the weighted sum of the recorded values."""
     torch.manual_seed(0)
     cfg = tiny_cfg(mode=mode, lambda_perc=2.0, lambda_perc_content=0.5)
-    nets = dcl.build_networks(dataclasses.replace(cfg, lambda_perc=0.0, lambda_perc_content=0.0), "cpu")
+    nets = dcl.build_networks(
+        dataclasses.replace(cfg, lambda_perc=0.0, lambda_perc_content=0.0), "cpu"
+    )
     opts = dcl.build_optimizers(nets, cfg)
     nets["vgg"] = vgg = RecordingVGG()
     real = {"real_a": torch.rand(1, 3, 32, 32) * 2 - 1, "real_b": torch.rand(1, 3, 32, 32) * 2 - 1}
@@ -1954,7 +2178,9 @@ def test_perceptual_pairs_of_each_step(mode):
     losses = dcl.MODES[mode].step(nets, opts, real["real_a"], real["real_b"], cfg)
     assert len(vgg.calls) == len(expected)
     total = 0.0
-    for (output, target, content), (out_name, target_name, is_content, weight) in zip(vgg.calls, expected):
+    for (output, target, content), (out_name, target_name, is_content, weight) in zip(
+        vgg.calls, expected
+    ):
         assert torch.equal(target, real[target_name]) and content == is_content, out_name
         assert output.requires_grad and torch.allclose(output, out[out_name], atol=1e-5), out_name
         total += weight * (10.0 if content else 1.0) * (output - target).abs().mean().item()
@@ -1963,14 +2189,32 @@ def test_perceptual_pairs_of_each_step(mode):
 
 @pytest.mark.parametrize("mode, extra", [("fastcut", []), ("dcl", ["--lambda_IDT", 0])])
 def test_perceptual_loss_without_target_images(mode, extra, fast_vgg, data, tmp_path, capsys):
-    """§6, §8 (methods.md §2.6: the perceptual term applies only where a target image
+    """§9, §11 (the perceptual term applies only where a target image
     exists): FastCUT has no identity image, nor has DCLGAN with --lambda_IDT 0, so
     --lambda_perc alone has no pair to apply to. Training must not crash: either it
     runs (exit 0, perc 0 in the log) or it refuses in one line naming --lambda_perc
     (exit 2) before any run folder exists."""
-    code, _, err = train_in_process(capsys, "--mode", mode, "--dataroot", data, *TINY, *extra,
-                                    "--max_steps", 1, "--lambda_perc", 1, "--vgg_weights", "random",
-                                    "--display_freq", 100, "--checkpoints_dir", tmp_path, "--name", "r")
+    code, _, err = train_in_process(
+        capsys,
+        "--mode",
+        mode,
+        "--dataroot",
+        data,
+        *TINY,
+        *extra,
+        "--max_steps",
+        1,
+        "--lambda_perc",
+        1,
+        "--vgg_weights",
+        "random",
+        "--display_freq",
+        100,
+        "--checkpoints_dir",
+        tmp_path,
+        "--name",
+        "r",
+    )
     if code == 0:
         assert [r["perc"] for r in read_log(tmp_path / "r")] == [0.0]
     else:
@@ -1979,7 +2223,7 @@ def test_perceptual_loss_without_target_images(mode, extra, fast_vgg, data, tmp_
 
 
 # -----------------------------------------------------------------------------
-# hard negatives: --nce_hard_beta (§6)
+# hard negatives: --nce_hard_beta (§4)
 # -----------------------------------------------------------------------------
 
 def hard_nce_by_hand(q, k, n, tau, beta, fixed_weights=None, detach=True):
@@ -1997,20 +2241,26 @@ def hard_nce_by_hand(q, k, n, tau, beta, fixed_weights=None, detach=True):
             qi, row = q[b * S + i], b * S + i
             s = torch.stack([qi @ k[b * S + j] for j in range(S) if j != i])
             scores = beta * (s.detach() if detach else s)
-            w = torch.exp(scores) / torch.exp(scores).mean() if fixed_weights is None else fixed_weights[row]
+            w = (
+                torch.exp(scores) / torch.exp(scores).mean()
+                if fixed_weights is None
+                else fixed_weights[row]
+            )
             pos = torch.exp(qi @ k[row] / tau)
-            losses.append(-torch.log(pos / (pos + (w * torch.exp(s / tau)).sum() + math.exp(-10 / tau))))
+            losses.append(
+                -torch.log(pos / (pos + (w * torch.exp(s / tau)).sum() + math.exp(-10 / tau)))
+            )
             weights.append(w)
     return torch.stack(losses), weights
 
 
 def test_hard_negatives_beta_0_and_the_limit():
-    """§6: β = 0 is the official loss bit for bit (torch.equal). As β grows the weights
+    """§4: β = 0 is the official loss bit for bit (torch.equal). As β grows the weights
     shift to harder negatives, so ℓ rises monotonically (d/dβ of Σ_j w_j·e^(s_j/τ) is
     N·Cov_β(s, e^(s/τ)) ≥ 0) from the plain loss (β = 0) towards the hardest-negative
     limit ℓ = −log(e^(s⁺/τ) / (e^(s⁺/τ) + N·e^(s_max/τ))) (e^(−10/τ) is 7e-63 at τ = 0.07).
     Same-image negatives: 2 images × 6 patches, N = S − 1 = 5; with whole-batch
-    negatives (n_images = 1) N = n·S − 1 = 11 and s_max runs over all of them. Every
+    negatives (groups = 1) N = n·S − 1 = 11 and s_max runs over all of them. Every
     row's two largest negatives differ by more than 0.008 here (asserted), so at
     β = 3000 the others weigh less than e^(−24) and the limit holds to 1e-4 (measured:
     1.2e-5, from the fp32 rounding of the scores β·s ≈ 3000; at β = 100 it is 7e-3)."""
@@ -2025,8 +2275,12 @@ def test_hard_negatives_beta_0_and_the_limit():
         negs = s.masked_select(~torch.eye(S, dtype=torch.bool)).view(12, N)
         top2 = negs.topk(2, dim=1).values
         assert (top2[:, 0] - top2[:, 1] > 0.008).all()
-        limit = -torch.log(torch.exp(pos / 0.07) / (torch.exp(pos / 0.07) + N * torch.exp(top2[:, 0] / 0.07)))
-        losses = [plain] + [dcl.patch_nce_loss(q, k, n_images, 0.07, hard_beta=b) for b in (1.0, 10.0, 100.0)]
+        limit = -torch.log(
+            torch.exp(pos / 0.07) / (torch.exp(pos / 0.07) + N * torch.exp(top2[:, 0] / 0.07))
+        )
+        losses = [plain] + [
+            dcl.patch_nce_loss(q, k, n_images, 0.07, hard_beta=b) for b in (1.0, 10.0, 100.0)
+        ]
         for lower, higher in zip(losses, losses[1:]):
             assert (higher >= lower - 1e-5).all() and (higher > lower).any()
         assert (losses[-1] <= limit.float() + 1e-5).all()
@@ -2035,7 +2289,7 @@ def test_hard_negatives_beta_0_and_the_limit():
 
 
 def test_hard_negative_weights_average_to_1(monkeypatch):
-    """§6: the weights enter as log w_j added to negative j's logit, so the logits
+    """§4: the weights enter as log w_j added to negative j's logit, so the logits
     handed to cross_entropy (captured here) give w_j = exp(hard − plain): they average
     to exactly 1 over each row's N real negatives (mean_j w_j = 1), the positive and
     the masked diagonal columns are unweighted, and w_j equals exp(β·s_j)/mean_m
@@ -2049,7 +2303,9 @@ def test_hard_negative_weights_average_to_1(monkeypatch):
     captured, cross_entropy = [], torch.nn.functional.cross_entropy
     monkeypatch.setattr(dcl.F, "cross_entropy", lambda logits, *a, **kw: (
         captured.append(logits.detach().double()), cross_entropy(logits, *a, **kw))[1])
-    plain, hard = dcl.patch_nce_loss(q, k, 2, 0.07), dcl.patch_nce_loss(q, k, 2, 0.07, hard_beta=5.0)
+    plain, hard = dcl.patch_nce_loss(q, k, 2, 0.07), dcl.patch_nce_loss(
+        q, k, 2, 0.07, hard_beta=5.0
+    )
     by_hand, weights = hard_nce_by_hand(q, k, 2, 0.07, 5.0)
     log_w = captured[1] - captured[0]                          # (n·S)×(1 + S)
     diagonal = torch.eye(5, dtype=torch.bool).repeat(2, 1)    # row b·5 + i: column 1 + i
@@ -2064,7 +2320,7 @@ def test_hard_negative_weights_average_to_1(monkeypatch):
 
 
 def test_hard_negative_weights_are_detached():
-    """§6: the weights are constants for backward: the gradient of the β = 5 loss with
+    """§4: the weights are constants for backward: the gradient of the β = 5 loss with
     respect to the queries equals that of hard_nce_by_hand with the weights computed
     beforehand and passed in as fixed numbers (to 1e-5), and differs from the
     gradient obtained when the weights are differentiated too."""
@@ -2084,13 +2340,27 @@ def test_hard_negative_weights_are_detached():
 
 @pytest.mark.parametrize("mode", ["cut", "dcl"])
 def test_train_with_hard_negatives(mode, runs, data, tmp_path, capsys):
-    """§8-§9: `train --nce_hard_beta 1 --max_steps 2` runs (exit 0, finite losses, β
+    """§4, §14: `train --nce_hard_beta 1 --max_steps 2` runs (exit 0, finite losses, β
     stored in the config). For CUT, step 1 starts from the same nets, data and patch
     ids as the runs fixture's plain run (equal D_real), and its NCE terms are at
     least the plain ones: with w_j increasing in s_j and mean 1, Σ_j w_j·e^(s_j/τ) ≥
     Σ_j e^(s_j/τ) (Chebyshev's sum inequality), row by row."""
-    code, _, err = train_in_process(capsys, "--mode", mode, "--dataroot", data, *TINY, "--max_steps", 2,
-                                    "--nce_hard_beta", 1, "--checkpoints_dir", tmp_path, "--name", mode)
+    code, _, err = train_in_process(
+        capsys,
+        "--mode",
+        mode,
+        "--dataroot",
+        data,
+        *TINY,
+        "--max_steps",
+        2,
+        "--nce_hard_beta",
+        1,
+        "--checkpoints_dir",
+        tmp_path,
+        "--name",
+        mode,
+    )
     assert code == 0, err
     rows = read_log(tmp_path / mode)
     assert len(rows) == 2 and all(math.isfinite(r[k]) for r in rows for k in LOSS_NAMES[mode])
@@ -2102,7 +2372,7 @@ def test_train_with_hard_negatives(mode, runs, data, tmp_path, capsys):
 
 
 # -----------------------------------------------------------------------------
-# hardening: signals, kill -9, NaN, bad input, checkpoints (§9-§11)
+# hardening: signals, kill -9, NaN, bad input, checkpoints (§14-§16, §19)
 # -----------------------------------------------------------------------------
 
 def start_training(root: Path, name: str, data: Path, *extra):
@@ -2111,11 +2381,30 @@ def start_training(root: Path, name: str, data: Path, *extra):
     that a chatty run could fill."""
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f"{name}.out", "w") as out:
-        return subprocess.Popen([sys.executable, "dcl.py", "train", "--dataroot", str(data), *map(str, TINY),
-                                 "--display_freq", "1000", "--max_steps", "100000", "--checkpoints_dir",
-                                 str(root), "--name", name, *map(str, extra)],
-                                cwd=REPO, env=ENV, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "dcl.py",
+                "train",
+                "--dataroot",
+                str(data),
+                *map(str, TINY),
+                "--display_freq",
+                "1000",
+                "--max_steps",
+                "100000",
+                "--checkpoints_dir",
+                str(root),
+                "--name",
+                name,
+                *map(str, extra),
+            ],
+            cwd=REPO,
+            env=ENV,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def wait_until(condition, procs, timeout=60.0, pause=0.01):
@@ -2133,7 +2422,7 @@ def log_rows(run_dir: Path) -> int:
 
 
 def test_sigint_and_sigterm_save_and_resume(data, tmp_path, capsys):
-    """§9: Ctrl-C or SIGTERM finishes the current step, saves and exits with 128 +
+    """§14: Ctrl-C or SIGTERM finishes the current step, saves and exits with 128 +
     signal (130, 143), printing "stopped by signal N at step K" and a resume command
     with --continue_train; ckpt_latest.pt then loads with weights_only=True and
     holds step K, the last logged step. Running the printed command (in-process,
@@ -2167,14 +2456,16 @@ def test_sigint_and_sigterm_save_and_resume(data, tmp_path, capsys):
         assert torch.load(run_dir / "ckpt_latest.pt", weights_only=True)["step"] == step
         command = shlex.split(out.strip().splitlines()[-1])
         assert command[:3] == ["python", "dcl.py", "train"] and "--continue_train" in command
-        code, _, err = train_in_process(capsys, *command[3:], "--max_steps", step + 1, "--num_threads", 0)
+        code, _, err = train_in_process(
+            capsys, *command[3:], "--max_steps", step + 1, "--num_threads", 0
+        )
         assert code == 0, err
         assert [r["step"] for r in read_log(run_dir)][-2:] == [step, step + 1]
         assert torch.load(run_dir / "ckpt_latest.pt", weights_only=True)["step"] == step + 1
 
 
 def test_resume_without_dataroot_names_the_stored_data(runs, tmp_path, capsys):
-    """§9: continuing a run without --dataroot (as the printed resume command does)
+    """§14: continuing a run without --dataroot (as the printed resume command does)
     trains on the stored dataroot: the data line counts its 4 A and 3 B images (the
     bundled set has 300 and 260), and nothing printed claims the bundled set or
     demo settings."""
@@ -2187,7 +2478,7 @@ def test_resume_without_dataroot_names_the_stored_data(runs, tmp_path, capsys):
 
 
 def test_kill_9_during_checkpoint_writes(data, tmp_path, capsys):
-    """§9 (atomic_save: write ckpt_latest.pt.tmp, fsync, rename): with
+    """§15 (atomic_save: write ckpt_latest.pt.tmp, fsync, rename): with
     --save_latest_freq 1 a checkpoint is written after every step. Three runs are
     killed with SIGKILL at different moments once their first checkpoint exists:
     the instant a write is seen in progress (a ckpt_latest.pt.tmp exists, or
@@ -2241,7 +2532,7 @@ def test_kill_9_during_checkpoint_writes(data, tmp_path, capsys):
 
 @pytest.mark.parametrize("nan_step", [3, 2])
 def test_nan_loss_stops_before_any_checkpoint_of_it(nan_step, data, tmp_path, capsys, monkeypatch):
-    """§9 (report checks the losses before every checkpoint write): gan_loss is made
+    """§14 (report checks the losses before every checkpoint write): gan_loss is made
     to return NaN from step nan_step on (a CUT step calls it 3 times: D real, D fake,
     G). With --print_freq 100 and --save_latest_freq 2 the losses are read only at
     the checkpoint steps 2 and 4. NaN at step 3: the step-2 checkpoint is written,
@@ -2255,9 +2546,24 @@ def test_nan_loss_stops_before_any_checkpoint_of_it(nan_step, data, tmp_path, ca
         calls[0] += 1
         return gan_loss(*args) * (math.nan if calls[0] > 3 * (nan_step - 1) else 1.0)
     monkeypatch.setattr(dcl, "gan_loss", poisoned)
-    code, _, err = train_in_process(capsys, "--dataroot", data, *TINY, "--max_steps", 8, "--print_freq", 100,
-                                    "--save_latest_freq", 2, "--display_freq", 100,
-                                    "--checkpoints_dir", tmp_path, "--name", "r")
+    code, _, err = train_in_process(
+        capsys,
+        "--dataroot",
+        data,
+        *TINY,
+        "--max_steps",
+        8,
+        "--print_freq",
+        100,
+        "--save_latest_freq",
+        2,
+        "--display_freq",
+        100,
+        "--checkpoints_dir",
+        tmp_path,
+        "--name",
+        "r",
+    )
     first = 3 if nan_step == 3 else 1
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert f"loss D_real became nan in steps {first}-{first + 1} (epoch 1)" in err
@@ -2274,18 +2580,40 @@ def test_nan_loss_stops_before_any_checkpoint_of_it(nan_step, data, tmp_path, ca
 
 @pytest.mark.parametrize("mode", list(dcl.MODES))
 def test_checkpoint_contents_load_weights_only(mode, runs):
-    """§9: every mode's ckpt_latest.pt loads with torch.load(weights_only=True) (tensors
+    """§15: every mode's ckpt_latest.pt loads with torch.load(weights_only=True) (tensors
     and plain values only) and holds exactly format, version, mode, config, nets,
-    optimizers, step, epoch, epoch_step, world (processes) and rng: after `--max_steps 2` on 4 items,
-    step 2 of epoch 1; nets are the mode's networks, the optimisers its families,
+    optimizers, step, epoch, epoch_step, world (processes) and rng: after
+    `--max_steps 2` on 4 items, step 2 of epoch 1; nets are the mode's networks,
+    the optimisers its families,
     the config a complete TrainConfig, the RNG states torch, python and numpy."""
     ckpt = torch.load(runs(mode)[1] / "ckpt_latest.pt", weights_only=True)
-    assert set(ckpt) == {"format", "version", "mode", "config", "nets", "optimizers", "step", "epoch",
-                         "epoch_step", "world", "rng"}
-    assert (ckpt["format"], ckpt["version"], ckpt["mode"], ckpt["step"], ckpt["epoch"], ckpt["epoch_step"]) \
-        == ("dcl.py checkpoint", 1, mode, 2, 1, 2)
+    assert set(ckpt) == {
+        "format",
+        "version",
+        "mode",
+        "config",
+        "nets",
+        "optimizers",
+        "step",
+        "epoch",
+        "epoch_step",
+        "world",
+        "rng",
+    }
+    assert (
+        ckpt["format"],
+        ckpt["version"],
+        ckpt["mode"],
+        ckpt["step"],
+        ckpt["epoch"],
+        ckpt["epoch_step"],
+    ) == ("dcl.py checkpoint", 1, mode, 2, 1, 2)
     assert set(ckpt["nets"]) == set(dcl.MODES[mode].networks)
-    families = {"cyclegan": {"G", "D"}, "negcut": {"G", "D", "H", "N"}, "fastnegcut": {"G", "D", "H", "N"}}
+    families = {
+        "cyclegan": {"G", "D"},
+        "negcut": {"G", "D", "H", "N"},
+        "fastnegcut": {"G", "D", "H", "N"},
+    }
     assert set(ckpt["optimizers"]) == families.get(mode, {"G", "D", "H"})
     assert dataclasses.asdict(dcl.TrainConfig(**ckpt["config"])) == ckpt["config"]
     assert {"torch", "python", "numpy"} <= set(ckpt["rng"])
@@ -2297,7 +2625,16 @@ def bad_input_more(case, tmp_path, data, runs):
     source = runs("cut")[1] / "ckpt_latest.pt"
     image = ["--input", data / "testA" / "sub" / "2.png", "--output", tmp_path / "out"]
     translate = ["translate", *image, "--device", "cpu", "--checkpoint"]
-    train = ["train", "--dataroot", data, *TINY, "--max_steps", 1, "--checkpoints_dir", tmp_path / "ck"]
+    train = [
+        "train",
+        "--dataroot",
+        data,
+        *TINY,
+        "--max_steps",
+        1,
+        "--checkpoints_dir",
+        tmp_path / "ck",
+    ]
     if case == "truncated_checkpoint":
         raw = source.read_bytes()
         (tmp_path / "half.pt").write_bytes(raw[:len(raw) // 2])
@@ -2310,7 +2647,10 @@ def bad_input_more(case, tmp_path, data, runs):
         (tmp_path / "out").write_bytes(b"an existing file")
         return translate + [source], ["cannot write", str(tmp_path / "out")]
     if case == "translate_on_cuda":
-        return ["translate", *image, "--device", "cuda", "--checkpoint", source], ["--device cuda", "CUDA"]
+        return ["translate", *image, "--device", "cuda", "--checkpoint", source], [
+            "--device cuda",
+            "CUDA",
+        ]
     if case == "train_on_cuda":
         return train + ["--device", "cuda"], ["--device cuda", "CUDA is not available"]
     if case == "layers_not_ascending":
@@ -2330,7 +2670,7 @@ def file_tree(root: Path) -> dict:
                                   "translate_on_cuda", "train_on_cuda", "layers_not_ascending",
                                   "unknown_gan_mode", "ngf_changed_on_resume"])
 def test_more_bad_input_changes_no_file(case, tmp_path, data, runs, capsys):
-    """§9-§11: a checkpoint cut in half, a checkpoint of version 99, a translate
+    """§14-§16, §19: a checkpoint cut in half, a checkpoint of version 99, a translate
     --output that is an existing file, --device cuda on a machine without CUDA (train
     and translate), --nce_layers 4,2, --gan_mode foo, and --ngf 16 when continuing a
     run trained with ngf 8: each exits 2 with one line "error: ..." naming the file
@@ -2347,39 +2687,65 @@ def test_more_bad_input_changes_no_file(case, tmp_path, data, runs, capsys):
 
 
 def test_translate_max_side(runs, tmp_path, capsys):
-    """§10: --max_side 40 shrinks a 57x31 image to 40x22 (31·40/57 = 21.75, rounded;
+    """§16: --max_side 40 shrinks a 57x31 image to 40x22 (31·40/57 = 21.75, rounded;
     the aspect ratio 1.84 kept within a pixel) and leaves a 20x12 image, already
     smaller, at its own size."""
     write_image(tmp_path / "in" / "wide.png", (57, 31), seed=1)
     write_image(tmp_path / "in" / "small.png", (20, 12), seed=2)
-    translate_in_process(capsys, runs("cut")[1] / "ckpt_latest.pt", tmp_path / "in", tmp_path / "out",
-                         "--max_side", 40)
+    translate_in_process(
+        capsys,
+        runs("cut")[1] / "ckpt_latest.pt",
+        tmp_path / "in",
+        tmp_path / "out",
+        "--max_side",
+        40,
+    )
     assert Image.open(tmp_path / "out" / "wide.png").size == (40, 22)
     assert Image.open(tmp_path / "out" / "small.png").size == (20, 12)
 
 
 def test_translate_out_of_memory_names_max_side(runs, data, tmp_path, capsys, monkeypatch):
-    """§10: an out-of-memory error inside G (torch.OutOfMemoryError, raised here by a
+    """§16: an out-of-memory error inside G (torch.OutOfMemoryError, raised here by a
     patched Generator.forward) exits 2 with one line naming the image and --max_side,
     and writes nothing."""
     def out_of_memory(self, x):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
     monkeypatch.setattr(dcl.Generator, "forward", out_of_memory)
-    code, _, err = main_in_process(capsys, "translate", "--checkpoint", runs("cut")[1] / "ckpt_latest.pt",
-                                   "--input", data / "testA" / "sub" / "2.png", "--output", tmp_path / "out",
-                                   "--device", "cpu")
+    code, _, err = main_in_process(
+        capsys,
+        "translate",
+        "--checkpoint",
+        runs("cut")[1] / "ckpt_latest.pt",
+        "--input",
+        data / "testA" / "sub" / "2.png",
+        "--output",
+        tmp_path / "out",
+        "--device",
+        "cpu",
+    )
     assert code == 2 and err.startswith("error:") and err.count("\n") == 1, err
     assert "2.png" in err and "--max_side" in err and "memory" in err
     assert not (tmp_path / "out").exists()
 
 
 def test_printed_resume_command_survives_spaces(data, tmp_path, capsys):
-    """§9: the closing line's command can be pasted into a shell: for a run named
+    """§14: the closing line's command can be pasted into a shell: for a run named
     "first try" under "my runs/", shlex.split of the printed command gives back the
     name and the checkpoints folder exactly."""
-    code, out, err = train_in_process(capsys, "--dataroot", data, *TINY, "--max_steps", 1,
-                                      "--display_freq", 100, "--checkpoints_dir", tmp_path / "my runs",
-                                      "--name", "first try")
+    code, out, err = train_in_process(
+        capsys,
+        "--dataroot",
+        data,
+        *TINY,
+        "--max_steps",
+        1,
+        "--display_freq",
+        100,
+        "--checkpoints_dir",
+        tmp_path / "my runs",
+        "--name",
+        "first try",
+    )
     assert code == 0, err
     argv = shlex.split(out.strip().splitlines()[-1].partition("To train longer: ")[2])
     assert argv[argv.index("--name") + 1] == "first try"
@@ -2402,7 +2768,7 @@ def reference_instance_norm(self, x):
 
 
 def test_instance_norm_gradient_is_right_for_a_channels_last_gradient(monkeypatch):
-    """§2 (F20), the bare repro: at batch size 1, a gradient with channels-last
+    """§1, §4, §7 (F20), the bare repro: at batch size 1, a gradient with channels-last
     strides sent into instance norm. torch 2.13/2.14's CPU kernel gets this wrong
     (relative error about 1.4; right at batch 2 or with a contiguous gradient);
     dcl.py's InstanceNorm gives the float64 reference gradient to 1e-12 whether or
@@ -2448,15 +2814,18 @@ def step_gradients(mode, batch, fast, autocast=True, instance_norm=None, monkeyp
         torch.manual_seed(1)
         with torch.autocast("cpu", torch.bfloat16, enabled=on and autocast):
             dcl.MODES[mode].step(nets, opts, real_a, real_b, cfg)
-    return {name: torch.cat([p.grad.flatten().float() for p in net.parameters() if p.grad is not None])
-            for name, net in nets.items() if any(p.grad is not None for p in net.parameters())}
+    return {
+        name: torch.cat([p.grad.flatten().float() for p in net.parameters() if p.grad is not None])
+        for name, net in nets.items()
+        if any(p.grad is not None for p in net.parameters())
+    }
 
 
 @pytest.mark.parametrize("fast", ["off", "on"])
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("mode", list(dcl.MODES))
 def test_step_gradients_equal_those_of_a_reference_instance_norm(mode, batch, fast, monkeypatch):
-    """§2, §8 (F20): in every mode, at batch 1 and 2, with --fast off and on, one
+    """§1, §5-§8 (F20): in every mode, at batch 1 and 2, with --fast off and on, one
     step gives every trained network the gradient of the same step with every
     instance norm replaced by the written-out reference above.
     - fp32 arithmetic (--fast off; and --fast on's layout, channels_last weights
@@ -2485,7 +2854,7 @@ def test_step_gradients_equal_those_of_a_reference_instance_norm(mode, batch, fa
 
 
 # -----------------------------------------------------------------------------
-# speed, bench and multi-process training (issue 6; §3, §7-§9, §11)
+# speed, bench and multi-process training (§2, §12-§14, §17, §18)
 # -----------------------------------------------------------------------------
 
 def torchrun(*args, cwd=REPO, timeout=180):
@@ -2498,7 +2867,7 @@ def torchrun(*args, cwd=REPO, timeout=180):
 
 @pytest.mark.parametrize("mode", ["cut", "negcut", "simdcl", "cyclegan"])
 def test_fast_path_matches_the_exact_step(mode):
-    """§8 (F18): one step with --fast on (bf16 autocast around the step, channels_last
+    """§13 (F18): one step with --fast on (bf16 autocast around the step, channels_last
     inputs, fused Adam), called as train() and bench() call it, gives every loss of
     the --fast off step from the same weights, images and RNG state within 2e-2
     relative: fp32 losses (bf16 rounding only: the fast step differs somewhere, so
@@ -2532,16 +2901,19 @@ def test_fast_path_matches_the_exact_step(mode):
 
 
 def test_fast_path_auto_on_and_off():
-    """§8: --fast auto is on for a CUDA device only (read off the device type, so
+    """§13: --fast auto is on for a CUDA device only (read off the device type, so
     no GPU is needed to ask), on and off override it on either device."""
     devices = ("cpu", "cuda", torch.device("cuda", 0))
-    table = {fast: [dcl.fast_path(tiny_cfg(fast=fast), d) for d in devices] for fast in ("auto", "on", "off")}
+    table = {
+        fast: [dcl.fast_path(tiny_cfg(fast=fast), d) for d in devices]
+        for fast in ("auto", "on", "off")
+    }
     assert table == {"auto": [False, True, True], "on": [True] * 3, "off": [False] * 3}
 
 
 @pytest.mark.parametrize("ids", [(0, 4, 8, 12, 16), (0, 4, 9)])
 def test_generator_taps_are_the_encoder_activations(ids):
-    """§3 (F9): G(cat([a, b]), ids) returns G(cat([a, b])) and the activations after
+    """§2 (F9): G(cat([a, b]), ids) returns G(cat([a, b])) and the activations after
     the listed layers; their first n rows are G.encode(a, ids), the rest
     G.encode(b, ids). Not always bit for bit on the CPU: a conv over 3 images may
     block its sums differently from one over 1, and instance norm then divides
@@ -2592,7 +2964,7 @@ def step_with_keys(mode, keys):
 
 @pytest.mark.parametrize("mode", ["cut", "negcut", "simdcl"])
 def test_reused_keys_equal_a_second_encoder_pass(mode):
-    """§6, §8 (F9): the NCE keys reused from the translation pass (cut_step's
+    """§2, §5-§7 (F9): the NCE keys reused from the translation pass (cut_forward's
     G(x, taps), dual_step's translate_both) give the losses (within 1e-4) and the
     gradients at G's Adam step of the same step with feat_k dropped, i.e. with keys
     from a second G_key.encode(source) pass (NEGCUT: also in N's step; SimDCL: the
@@ -2616,10 +2988,13 @@ def test_reused_keys_equal_a_second_encoder_pass(mode):
     nce = [k for k in reused if "NCE" in k]
     assert all(mirrored[k].item() != pytest.approx(reused[k].item(), rel=1e-2) for k in nce), nce
 
-    def worst(other):                                         # max |Δgrad| / max |grad| over G's nets
+    def worst(other):  # max |Δgrad| / max |grad| over G's nets
         return max(max((a - b).abs().max() for a, b in zip(grads[net], other[net]))
                    / max(g.abs().max() for g in grads[net]) for net in grads if net[0] == "G")
-    assert all((a is None) == (b is None) for net in grads for a, b in zip(grads[net], grads_2[net]))
+
+    assert all(
+        (a is None) == (b is None) for net in grads for a, b in zip(grads[net], grads_2[net])
+    )
     scale = {net: max((g.abs().max().item() for g in grads_2[net] if g is not None), default=0.0)
              for net in grads_2}
     assert all(torch.allclose(a, b, rtol=0, atol=1e-5 * scale[net])
@@ -2631,14 +3006,20 @@ def reference_epoch_keys(n_items, seed, epoch, batch_size):
     """The single-process sampler before torchrun support, written out: item seeds
     are a 62-bit blake2b hash of (seed, epoch, position), items a seeded permutation,
     cut to whole batches."""
-    h = lambda *key: int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(),  # noqa: E731
-                                    "little") >> 2
+    h = (
+        lambda *key: int.from_bytes(
+            hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little"  # noqa: E731
+        )
+        >> 2
+    )
     order = torch.randperm(n_items, generator=torch.Generator().manual_seed(h(seed, epoch)))
-    return [(h(seed, epoch, p), int(order[p]), False) for p in range(n_items - n_items % batch_size)]
+    return [
+        (h(seed, epoch, p), int(order[p]), False) for p in range(n_items - n_items % batch_size)
+    ]
 
 
 def test_epoch_sampler_shards_one_permutation():
-    """§7 (F19): with 2 processes and batch 2 on 11 items (2 whole batches each),
+    """§12 (F19): with 2 processes and batch 2 on 11 items (2 whole batches each),
     process r gets positions r, r + 2, ... of the world-1 permutation, item seeds
     included: the two are disjoint, equally long and together the first 8 keys of
     world 1; world 1 (the default) is unchanged from the single-process sampler;
@@ -2647,7 +3028,11 @@ def test_epoch_sampler_shards_one_permutation():
     one = list(dcl.EpochSampler(11, cfg, 2))
     assert one == list(dcl.EpochSampler(11, cfg, 2, 0, 0, 1)) == reference_epoch_keys(11, 3, 2, 2)
     shards = [list(dcl.EpochSampler(11, cfg, 2, 0, rank, 2)) for rank in (0, 1)]
-    assert [len(s) for s in shards] == [len(dcl.EpochSampler(11, cfg, 2, 0, r, 2)) for r in (0, 1)] == [4, 4]
+    assert (
+        [len(s) for s in shards]
+        == [len(dcl.EpochSampler(11, cfg, 2, 0, r, 2)) for r in (0, 1)]
+        == [4, 4]
+    )
     assert shards[0] == one[0:8:2] and shards[1] == one[1:8:2]
     assert not {k[0] for k in shards[0]} & {k[0] for k in shards[1]}
     for rank in (0, 1):
@@ -2684,7 +3069,8 @@ for mode in ("cut", "dcl"):
         if averaged:                                          # as train() does under torchrun
             for opt in opts.values():
                 opt.register_step_pre_hook(dcl.average_gradients)
-        opts["D"].register_step_pre_hook(               # after average_gradients: the grads Adam uses
+        # Registered after average_gradients: it records the gradients Adam uses.
+        opts["D"].register_step_pre_hook(
             lambda opt, *_: d_grads.append(flat(p.grad for p in opt.param_groups[0]["params"])))
         torch.manual_seed(100 + rank)                         # own images, patch ids
         real_a, real_b = (torch.rand(1, 3, 32, 32) * 2 - 1 for _ in "ab")
@@ -2700,7 +3086,7 @@ for mode in ("cut", "dcl"):
             result[f"{mode} D grad is the mean"] = torch.equal(d_averaged, (d[0] + d[1]) / 2)
 with open(f"{sys.argv[2]}.{rank}", "w") as f:
     json.dump(result, f)
-dist.barrier()                          # gloo can abort a process that tears down while its peer still works
+dist.barrier()          # gloo can abort a process that tears down while its peer still works
 dist.destroy_process_group()
 """
 
@@ -2727,7 +3113,7 @@ def ranks(script, *args, cwd):
 
 
 def test_average_gradients_keeps_the_processes_identical(tmp_path):
-    """§9 (F19): in two processes started as torchrun starts them, setup_distributed
+    """§18 (F19): in two processes started as torchrun starts them, setup_distributed
     joins a gloo group on the CPU; nets built from one seed start identical; with
     average_gradients as every optimiser's step pre-hook (as train() registers it),
     one cut_step and one dual_step on each process's own random images leave both
@@ -2743,17 +3129,22 @@ def test_average_gradients_keeps_the_processes_identical(tmp_path):
         assert (result["world"], result["backend"], result["device"]) == (2, "gloo", "cpu")
         for mode in ("cut", "dcl"):
             averaged, alone = result[f"{mode} averaged"], result[f"{mode} alone"]
-            assert averaged == dict(same_init=True, same_after=True, moved=True, same_d_grads=True), mode
-            assert alone == dict(same_init=True, same_after=False, moved=True, same_d_grads=False), mode
+            assert averaged == dict(
+                same_init=True, same_after=True, moved=True, same_d_grads=True
+            ), mode
+            assert alone == dict(
+                same_init=True, same_after=False, moved=True, same_d_grads=False
+            ), mode
             assert result[f"{mode} D grad is the mean"], mode
 
 
 def test_torchrun_train_writes_once_and_resumes_in_one_process(data, tmp_path, capsys):
-    """§9 (F19): `torchrun --nproc_per_node 2 dcl.py train --mode cut --max_steps 2`
+    """§18 (F19): `torchrun --nproc_per_node 2 dcl.py train --mode cut --max_steps 2`
     on 4 items runs 2 steps per epoch of batch 1 per process × 2 processes, exit 0;
     only rank 0 prints and writes: one data, schedule and closing line, one progress
-    line per step, one env.txt entry, log rows for steps 1 and 2 once each, and the run folder holds nothing
-    but the checkpoint, config, env.txt, log and 3 samples. The checkpoint (step 2,
+    line per step, one env.txt entry, log rows for steps 1 and 2 once each, and the
+    run folder holds nothing but the checkpoint, config, env.txt, log and 3
+    samples. The checkpoint (step 2,
     the epoch done) continues in a single process for one more step."""
     proc = torchrun("dcl.py", "train", "--mode", "cut", "--max_steps", 2, "--dataroot", data, *TINY,
                     "--checkpoints_dir", tmp_path, "--name", "r")
@@ -2763,8 +3154,9 @@ def test_torchrun_train_writes_once_and_resumes_in_one_process(data, tmp_path, c
     data_lines = [line for line in lines if line.startswith("data: ")]
     assert len(data_lines) == 1 and "2 steps per epoch" in data_lines[0], proc.stdout[-3000:]
     assert "batch 1 per process × 2 processes = 2" in data_lines[0]
-    assert [line[:5] for line in lines if line.startswith(("data:", "schedule:", "[cut]", "done:"))] \
-        == ["data:", "sched", "[cut]", "[cut]", "done:"]
+    assert [
+        line[:5] for line in lines if line.startswith(("data:", "schedule:", "[cut]", "done:"))
+    ] == ["data:", "sched", "[cut]", "[cut]", "done:"]
     assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == \
         ["ckpt_latest.pt", "config.json", "env.txt", "log.jsonl", "samples", "samples/latest.png",
          "samples/step_0000001.png", "samples/step_0000002.png"]
@@ -2780,12 +3172,23 @@ def test_torchrun_train_writes_once_and_resumes_in_one_process(data, tmp_path, c
     assert torch.load(run / "ckpt_latest.pt", weights_only=True)["step"] == 3
 
 
-BENCH_KEYS = {"mode", "device", "batch_size", "crop_size", "s_per_iter", "images_per_s", "tflop_per_iter",
-              "tflops", "matmul_tflops", "peak_memory_gb", "fast"}
+BENCH_KEYS = {
+    "mode",
+    "device",
+    "batch_size",
+    "crop_size",
+    "s_per_iter",
+    "images_per_s",
+    "tflop_per_iter",
+    "tflops",
+    "matmul_tflops",
+    "peak_memory_gb",
+    "fast",
+}
 
 
 def test_bench_prints_one_json_line_per_mode(capsys, monkeypatch):
-    """§11: `bench` times the mode's real step (dcl.MODES[mode].step, counted here): the first
+    """§17: `bench` times the mode's real step (dcl.MODES[mode].step, counted here): the first
     call is the FLOP count, then --warmup, then --steps timed calls, and prints one
     JSON line per mode on stdout (the human line goes to stderr) with at least the
     keys mode, device, batch_size, crop_size, s_per_iter, images_per_s,
@@ -2795,7 +3198,9 @@ def test_bench_prints_one_json_line_per_mode(capsys, monkeypatch):
     of dcl.MODES, in that order; --mode nope is one "error:" line and exit 2."""
     calls = Counter()
     for mode, spec in dcl.MODES.items():
-        counted = spec._replace(step=lambda *a, m=mode, step=spec.step: (calls.update([m]), step(*a))[1])
+        counted = spec._replace(
+            step=lambda *a, m=mode, step=spec.step: (calls.update([m]), step(*a))[1]
+        )
         monkeypatch.setitem(dcl.MODES, mode, counted)
     tiny = ["--crop_size", 32, "--ngf", 8, "--ndf", 8, "--netF_nc", 16, "--num_patches", 16,
             "--device", "cpu"]
@@ -2808,7 +3213,9 @@ def test_bench_prints_one_json_line_per_mode(capsys, monkeypatch):
             row["peak_memory_gb"]) == ("cut", "cpu", 2, 32, False, None)
     assert row["s_per_iter"] > 0 and row["tflop_per_iter"] > 0 and row["matmul_tflops"] > 0
     assert row["images_per_s"] == pytest.approx(2 / row["s_per_iter"], rel=1e-3)
-    code, out, err = main_in_process(capsys, "bench", "--mode", "all", *tiny, "--steps", 1, "--warmup", 0)
+    code, out, err = main_in_process(
+        capsys, "bench", "--mode", "all", *tiny, "--steps", 1, "--warmup", 0
+    )
     assert code == 0, err
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r["mode"] for r in rows] == list(dcl.MODES) and all(BENCH_KEYS <= set(r) for r in rows)
@@ -2821,7 +3228,7 @@ def test_bench_prints_one_json_line_per_mode(capsys, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", ["cut", "dcl"])
 def test_fast_step_never_synchronises_with_the_host(mode):
-    """§8: under --fast on CUDA (bf16 autocast, channels_last, fused Adam) a cut_step
+    """§13: under --fast on CUDA (bf16 autocast, channels_last, fused Adam) a cut_step
     and a dual_step at 64 px, after a warm-up step, run with
     torch.cuda.set_sync_debug_mode("error"), which raises on any host
     synchronisation (.item(), a host copy, nonzero, ...): patch ids, the loss terms
@@ -2844,12 +3251,8 @@ def test_fast_step_never_synchronises_with_the_host(mode):
     assert all(torch.isfinite(v) for v in losses.values())
 
 
-if __name__ == "__main__":
-    pytest.main([__file__, "-q"])
-
-
 def test_resume_lays_adam_out_for_this_run():
-    """§9: a --fast run's Adam state (fused, channels_last moments, step on the
+    """§15: a --fast run's Adam state (fused, channels_last moments, step on the
     device) loads into an exact-path run as plain Adam: fused off, moments in
     the parameters' contiguous layout with the same values, step a CPU float32;
     the next update then equals a fresh non-fused Adam given the same moments
@@ -2888,4 +3291,11 @@ def test_resume_lays_adam_out_for_this_run():
     dcl.load_optimizer(back, opt.state_dict(), fused=True)
     assert back.param_groups[0]["fused"] is True
     for p in nets["G"].parameters():
-        assert back.state[p]["exp_avg"].is_contiguous(memory_format=torch.channels_last) or p.dim() != 4
+        assert (
+            back.state[p]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
+            or p.dim() != 4
+        )
+
+
+if __name__ == "__main__":
+    pytest.main([__file__, "-q"])
