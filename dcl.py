@@ -9,6 +9,10 @@ A readable, runnable reference for patch-wise contrastive translation:
                   2104.07689; official code JunlinHan/DCLGAN (abb805c).
   CycleGAN        Zhu, Park, Isola, Efros, ICCV 2017, arXiv 1703.10593; the baseline
                   (upstream junyanz/pytorch-CycleGAN-and-pix2pix).
+  Hneg-SRC        Jung, Kwon, Ye, CVPR 2022, arXiv 2203.01532; official code
+                  jcy132/Hneg_SRC (9a9647d). Hard-negative decoupled loss, relations.
+  QS-Attn         Hu, Zhou, Wang, Gu, Wang, CVPR 2022, arXiv 2203.08483; official
+                  code sapphire497/query-selected-attention (c2c5e40). Selected anchors.
   Extensions, off by default: a VGG16 perceptual loss (--lambda_perc) and
   hard-negative weighting of PatchNCE (--nce_hard_beta).
 Every network keeps the official layer indices and state-dict keys, so official
@@ -35,13 +39,14 @@ Contents
      5. CUT and FastCUT
      6. DCLGAN and SimDCL
      7. NEGCUT and FastNEGCUT
-     8. CycleGAN
-     9. An extension: the perceptual loss
-    10. The modes side by side: presets, networks, steps
+     8. PatchNCE's successors: Hneg-SRC and QS-Attn
+     9. CycleGAN
+    10. An extension: the perceptual loss
+    11. The modes side by side: presets, networks, steps
   Part II, running them: the machinery, which a first reading can skip.
-    11. Configuration        14. The training loop    17. Bench
-    12. Unpaired data        15. Checkpoints          18. torchrun
-    13. Networks, optimisers 16. Translate            19. Command line
+    12. Configuration        15. The training loop    18. Bench
+    13. Unpaired data        16. Checkpoints          19. torchrun
+    14. Networks, optimisers 17. Translate            20. Command line
 
 Reading paths: for each mode, the functions to read, in this order.
   CUT         Generator, Discriminator, gan_loss, discriminator_step, ProjectionHead,
@@ -52,9 +57,13 @@ Reading paths: for each mode, the functions to read, in this order.
   FastNEGCUT  NEGCUT's path, with FastCUT's flip
   DCLGAN      CUT's path up to nce_between; translate_both, dual_step
   SimDCL      DCLGAN's path; MappingHead, similarity_loss, dual_step's L_sim
+  Hneg-SRC    CUT's path; hdce_gamma, hdce_loss (in nce_between), relation_loss,
+              relation_term (in cut_generator_step); --mode hnegsrc
+  QS-Attn     CUT's path; ProjectionHead(select="qsattn"), query_selected_rows;
+              --patch_select qsattn with any PatchNCE mode
   CycleGAN    Generator (no_antialias), Discriminator, gan_loss, discriminator_step,
               ImagePool, cyclegan_step
-  Every mode: MODES in §10 holds its preset, its networks and its step function.
+  Every mode: MODES in §11 holds its preset, its networks and its step function.
 
 Letters: n images per batch, S sampled patches per layer and image
 (--num_patches), E projection width (--netF_nc), L tapped layers, K negatives
@@ -83,6 +92,10 @@ Glossary (code name | paper symbol | official name or flag)
     NCE, NCE_Y (log)   | ℓ_PatchNCE(G,H,X), (…,Y)  | loss_NCE, loss_NCE_Y
     NCE1, NCE2, Sim    | L_PatchNCE for G and F, L_sim | loss_NCE1, loss_NCE2, loss_Sim
     N (in the log)     | L_N = −NCE + L_div        | loss_N
+    HDCE, HDCE_Y, SRC  | hDCE(x), hDCE_idt(y), L_SRC | loss_HDCE, loss_HDCE_Y, loss_SRC
+    lambda_NCE (hdce)  | λ_HDCE                    | --lambda_HDCE (an alias here)
+    HDCE_gamma         | γ of the hard-negative weights | --HDCE_gamma, --HDCE_gamma_min
+    query_selected_rows| A_QS                      | attn_mats (QS-Attn's PatchSampleF)
     nce_T, num_patches, netF_nc, nce_layers | τ 0.07, S 256, E 256, l | the same flags
     torch.nn.functional is F, as everywhere in PyTorch; the notes below are F1..F20.
 
@@ -177,6 +190,26 @@ and the official quirks it keeps on purpose, each with its reason.
       instance norm makes its incoming gradient contiguous, which also covers
       NEGCUT's mean embedding and --fast's channels_last convolutions. Forward
       values are unchanged.
+  F21 Hneg-SRC. Kept from the official code: the preset is its README's
+      horse2zebra recipe, not its flag defaults (λ_HDCE 1, λ_SRC 1, γ 1, no
+      identity term); the weights are softmax(z·z/γ) over the keys with the
+      diagonal at −10, divided by the row maximum, multiplying the negative
+      logits (the paper writes a von Mises-Fisher density exp(γ·z·z⁻), in which
+      γ sharpens where the code's γ smooths); the logged HDCE is the weighted
+      cross-entropy, not the decoupled loss it differentiates; L_SRC is a sum
+      over all S×S entries, averaged over layers, on the main branch only.
+      Changed: patch ids are drawn on the keys (official: on the queries; the
+      same distribution); the weights per group of negatives and the relations
+      per image (official: over the whole batch, which runs at batch 1 only);
+      identical at batch 1. In
+      DCLGAN and SimDCL, where the official code has no hDCE or SRC, each
+      direction gets its own and they are averaged, as every term there is.
+  F22 QS-Attn. Kept: the global variant, the one its README trains; attention
+      on raw features without scaling; the deepest taps only (the official
+      code uses the 4th and 5th of the 5 taps, which at 256² are the smallest
+      maps, our rule); the attention rows are not detached. Changed: entropy
+      from log_softmax (official: log of the softmax, infinities set to 0; equal
+      up to rounding). Not included: its local (7×7 window) and global+local variants.
 
 Not included: display servers, HTML pages, dataset downloads, UNet/StyleGAN generators,
 SinCUT, FID (run pytorch-fid on translate output), DataParallel, CUDA graphs, wandb.
@@ -214,7 +247,7 @@ from torch.utils.flop_counter import FlopCounterMode
 # =============================================================================
 # The networks, the losses and one training step per method. Each step takes
 # the networks (a dict by name), their optimisers, a batch real_a, real_b
-# (n×3×h×w in [−1, 1]) and the run's config `cfg` (Part II, §11: one field per
+# (n×3×h×w in [−1, 1]) and the run's config `cfg` (Part II, §12: one field per
 # command-line flag, named as the official flags are), and returns its losses.
 
 # -----------------------------------------------------------------------------
@@ -553,24 +586,36 @@ class ProjectionHead(nn.Module):
                                                         nn.Linear(width, width)))
         self.n_layers = len(in_channels)
 
-    def forward(self, feats: list, num_patches: int, patch_ids: list | None = None):
+    def forward(self, feats: list, num_patches: int, patch_ids: list | None = None,
+                select: str = "random"):
         """feats: L maps n×C_l×h_l×w_l. Returns L tensors (n·S_l)×E, image-major,
         with S_l = min(S, h_l·w_l), and the L position-id sets used.
 
         Without patch_ids, draws one random set of positions per layer, shared by
         every image of the batch (official, F2). PatchNCE samples the keys first
-        and passes their ids for the queries, so row i of both is one location."""
+        and passes their ids for the queries, so row i of both is one location.
+        select="qsattn" (§8, QS-Attn): on the deepest taps (the smallest maps)
+        each sample is instead an attention-weighted sum of positions, and the
+        "ids" of that layer are the n×S×(h·w) attention rows."""
         out, ids_out = [], []
+        smallest = min(f.shape[2] * f.shape[3] for f in feats)
         for index, feat in enumerate(feats):
             flat = feat.flatten(2)                            # n×C×(h·w), row-major positions
-            if patch_ids is None:                             # drawn on the device: no host copy
-                ids = torch.randperm(flat.shape[2], device=feat.device)[:num_patches]
-            else:
+            if patch_ids is not None:
                 ids = patch_ids[index]
-            # Pick first, transpose after: the backward of this indexing writes
-            # into a fresh, contiguous gradient (the official permute-first
-            # order sends a channels-last one into the taps' instance norms, F20).
-            picked = flat[:, :, ids].transpose(1, 2).flatten(0, 1)  # (n·S_l)×C
+            elif select == "qsattn" and flat.shape[2] == smallest:
+                ids = query_selected_rows(flat, num_patches)  # n×S×(h·w), §8
+            else:                                             # drawn on the device: no host copy
+                ids = torch.randperm(flat.shape[2], device=feat.device)[:num_patches]
+            # Pick first, transpose after: the backward of this indexing (or of
+            # the product with the attention rows) writes a contiguous gradient;
+            # the official permute-first order sends a channels-last one into
+            # the taps' instance norms (F20).
+            if ids.is_floating_point():                       # v = A_QS·F, n×C×S first
+                picked = torch.bmm(flat, ids.to(flat.dtype).transpose(1, 2))
+            else:
+                picked = flat[:, :, ids]
+            picked = picked.transpose(1, 2).flatten(0, 1)     # (n·S_l)×C
             z = getattr(self, f"mlp_{index}")(picked)         # (n·S_l)×E
             out.append(unit(z))
             ids_out.append(ids)
@@ -653,16 +698,17 @@ def patch_nce_loss(feat_q: torch.Tensor, feat_k: torch.Tensor, groups: int,
 
 
 class PatchNCE(NamedTuple):
-    """What nce_between computed: the loss and the pieces SimDCL and NEGCUT reuse."""
+    """What nce_between computed: the loss and the pieces the other methods reuse."""
     loss: torch.Tensor              # λ_NCE · mean over layers of the mean over patches
     keys: list                      # L × (n·S_l)×E: H_key's samples of the source, not detached
+    queries: list                   # L × (n·S_l)×E: H_query's samples of the output
     feat_q: list                    # L maps n×C_l×h_l×w_l: the output's features (flipped back)
     negatives: list | None          # NEGCUT: L × (n·K)×E generated negatives, else None
 
 
 def nce_between(source, output, G, H, cfg, *, G_query=None, H_query=None, feat_k=None,
                 flip_back: bool = False, negatives: Callable | None = None,
-                negatives_only: bool = False) -> PatchNCE:
+                negatives_only: bool = False, epoch: int = 1) -> PatchNCE:
     """ℓ_PatchNCE(source -> output): PatchNCE averaged over patches and layers, × λ_NCE.
         NCE = (1/L)·Σ_l λ_NCE·mean_i ℓ_(l,i)                [CUT paper §3.2, Eq. 5]
     source, output: n×3×h×w. The textbook computation is the first three lines;
@@ -678,11 +724,15 @@ def nce_between(source, output, G, H, cfg, *, G_query=None, H_query=None, feat_k
         official code's.)
       negatives (NEGCUT, §7): a function of the source's feature maps that
         returns L × (n·K)×E negatives, which replace the in-image ones.
-      negatives_only (NEGCUT's N step): only the negatives carry gradient."""
+      negatives_only (NEGCUT's N step): only the negatives carry gradient.
+      epoch: the 1-based epoch, for hDCE's schedule of γ (§8).
+    Two settings change the loss itself (§8): --nce_loss hdce, Hneg-SRC's
+    decoupled loss with hard-negative weights, in place of patch_nce_loss, and
+    --patch_select qsattn, QS-Attn's choice of the keys on the deepest taps."""
     layers, S = cfg.layer_ids, cfg.num_patches
     with torch.set_grad_enabled(torch.is_grad_enabled() and not negatives_only):
         feat_k = G.encode(source, layers) if feat_k is None else feat_k  # k = H(G_enc(x))
-        keys, patch_ids = H(feat_k, S)
+        keys, patch_ids = H(feat_k, S, select=cfg.patch_select)
         feat_q = (G_query or G).encode(output, layers)                   # q = H(G_enc(G(x)))
         feat_q = [f.flip(3) for f in feat_q] if flip_back else feat_q
         queries, _ = (H_query or H)(feat_q, S, patch_ids)                # the keys' locations
@@ -691,9 +741,15 @@ def nce_between(source, output, G, H, cfg, *, G_query=None, H_query=None, feat_k
         negs = negatives([f.detach() for f in feat_k] if negatives_only else feat_k)
     groups = 1 if cfg.nce_includes_all_negatives_from_minibatch else source.shape[0]  # F4
     with torch.autocast(source.device.type, enabled=False):  # logits in fp32 under --fast
-        layer_losses = [patch_nce_loss(q, k, groups, cfg.nce_T, cfg.nce_hard_beta, n).mean()
-                        for q, k, n in zip(queries, keys, negs or [None] * len(keys))]
-    return PatchNCE(cfg.lambda_NCE * torch.stack(layer_losses).mean(), keys, feat_q, negs)
+        if cfg.nce_loss == "hdce":
+            gamma = hdce_gamma(cfg, epoch)
+            layer_losses = [hdce_loss(q, k, groups, cfg.nce_T, gamma).mean()
+                            for q, k in zip(queries, keys)]
+        else:
+            layer_losses = [patch_nce_loss(q, k, groups, cfg.nce_T, cfg.nce_hard_beta, n).mean()
+                            for q, k, n in zip(queries, keys, negs or [None] * len(keys))]
+    loss = cfg.lambda_NCE * torch.stack(layer_losses).mean()
+    return PatchNCE(loss, keys, queries, feat_q, negs)
 
 
 # -----------------------------------------------------------------------------
@@ -720,6 +776,9 @@ def nce_between(source, output, G, H, cfg, *, G_query=None, H_query=None, feat_k
 # D's step sees fake_b detached, G's step backpropagates through it. Two
 # savings, both exact (F9): real_a and real_b go through G as one batch, and
 # the keys are that pass's activations at the taps (§2).
+# Hneg-SRC (§8) runs this same step: --nce_loss hdce changes the loss inside
+# nce_between, and --lambda_SRC adds the relation term on the patches that the
+# main branch (real_a -> fake_b) sampled, as its official code does.
 
 class CutForward(NamedTuple):
     """The forward pass of one CUT-lineage step."""
@@ -777,12 +836,14 @@ def combined_nce(nce_x, nce_y, zero) -> torch.Tensor:
 
 
 def cut_generator_step(nets, opts, forward: CutForward, real_a, real_b, cfg,
-                       negatives: Callable | None = None) -> dict:
+                       negatives: Callable | None = None, epoch: int = 1) -> dict:
     """G's and H's step, D frozen (gradients pass through it to G):
         L_G = λ_GAN·lsgan(D(fake_b), real) + 0.5·(NCE + NCE_Y)     (identity term on)
         L_G = λ_GAN·lsgan(D(fake_b), real) + NCE                   (FastCUT)
-    plus the perceptual terms when switched on (§9). One backward, then one
-    Adam step each for G and H. negatives: NEGCUT's, passed to nce_between."""
+    plus Hneg-SRC's relation term (§8) and the perceptual terms (§10) when
+    switched on. One backward, then one Adam step each for G and H.
+    negatives: NEGCUT's, passed to nce_between. Logged as NCE and NCE_Y, or
+    as Hneg-SRC's HDCE and HDCE_Y under --nce_loss hdce."""
     D = nets["D"]
     opts["G"].zero_grad(set_to_none=True)
     opts["H"].zero_grad(set_to_none=True)
@@ -791,9 +852,13 @@ def cut_generator_step(nets, opts, forward: CutForward, real_a, real_b, cfg,
     loss_G_GAN = cfg.lambda_GAN * gan_loss(D(forward.fake_b), True, cfg.gan_mode) \
         if cfg.lambda_GAN > 0 else zero
     # λ_X·ℓ_PatchNCE(G, H, X) and λ_Y·ℓ_PatchNCE(G, H, Y): content kept, B images left alone.
-    nce_x, nce_y = cut_nce(nets, forward, real_a, real_b, cfg, negatives=negatives)
+    nce_x, nce_y = cut_nce(nets, forward, real_a, real_b, cfg, negatives=negatives, epoch=epoch)
     loss_G = loss_G_GAN + combined_nce(nce_x, nce_y, zero)
     n = real_a.shape[0]
+    # λ_SRC·L_SRC (Hneg-SRC, §8): the patches of fake_b keep real_a's relations.
+    loss_src = relation_term(nce_x, n, cfg) if cfg.lambda_SRC > 0 else None
+    if loss_src is not None:
+        loss_G = loss_G + loss_src
     identity_pairs = [(forward.idt_b, real_b)] if nce_y is not None else []
     loss_perc = perceptual_terms(nets, cfg, [identity_pairs], [(forward.fake_b, forward.x[:n])])
     if loss_perc is not None:                                 # x: the input as G saw it
@@ -801,15 +866,18 @@ def cut_generator_step(nets, opts, forward: CutForward, real_a, real_b, cfg,
     loss_G.backward()
     opts["G"].step()
     opts["H"].step()
-    losses = dict(G_GAN=loss_G_GAN, NCE=zero if nce_x is None else nce_x.loss, G=loss_G)
+    name = "HDCE" if cfg.nce_loss == "hdce" else "NCE"
+    losses = {"G_GAN": loss_G_GAN, name: zero if nce_x is None else nce_x.loss, "G": loss_G}
     if nce_y is not None:
-        losses["NCE_Y"] = nce_y.loss
+        losses[name + "_Y"] = nce_y.loss
+    if loss_src is not None:
+        losses["SRC"] = loss_src
     if loss_perc is not None:
         losses["perc"] = loss_perc
     return losses
 
 
-def cut_step(nets: dict, opts: dict, real_a, real_b, cfg) -> dict:
+def cut_step(nets: dict, opts: dict, real_a, real_b, cfg, epoch: int = 1) -> dict:
     """One CUT or FastCUT iteration [official CUT code, models/cut_model.py].
 
     Plan:
@@ -819,12 +887,14 @@ def cut_step(nets: dict, opts: dict, real_a, real_b, cfg) -> dict:
       3. G+H step, D frozen:
          L_G = λ_GAN·lsgan(D(fake_b), real) + 0.5·[NCE(real_a→fake_b) + NCE(real_b→idt_b)]
          (FastCUT: + NCE(real_a→fake_b) alone).
+    Hneg-SRC (§8) is this step with --nce_loss hdce and --lambda_SRC.
     Shapes: real_a, real_b n×3×h×w. Returns the losses under the official log
-    names, detached and on the device (no host sync)."""
+    names, detached and on the device (no host sync). epoch: 1-based (§8's γ)."""
     forward = cut_forward(nets["G"], real_a, real_b, cfg)                  # 1.
     [(loss_D_real, loss_D_fake)] = discriminator_step(                     # 2.
         opts["D"], [(nets["D"], real_b, forward.fake_b)], cfg)
-    losses = cut_generator_step(nets, opts, forward, real_a, real_b, cfg)  # 3.
+    losses = cut_generator_step(nets, opts, forward, real_a, real_b, cfg,  # 3.
+                                epoch=epoch)
     losses = dict(D_real=loss_D_real, D_fake=loss_D_fake, **losses)
     return {k: v.detach() for k, v in losses.items()}
 
@@ -850,6 +920,10 @@ def cut_step(nets: dict, opts: dict, real_a, real_b, cfg) -> dict:
 # should have similar embeddings, which discourages collapse to a few outputs.
 # Each image's sampled patches (L layers × S patches × E) are read by a small
 # "mapping head" as an L-channel S×E picture and summarised in one unit 64-vector.
+#
+# The successors of §8 apply here too, as switches no official code has:
+# --nce_loss hdce for both NCE terms, --lambda_SRC for the relations of both
+# directions (averaged, as every term of this objective is), --patch_select qsattn.
 
 class MappingHead(nn.Module):
     """SimDCL's light head (official MappingF, 10,688 parameters): it reads the
@@ -910,7 +984,7 @@ def translate_both(nets: dict, real_a, real_b, with_identity: bool,
                         [t[:n] for t in taps_ab], [t[:n] for t in taps_ba])
 
 
-def dual_step(nets: dict, opts: dict, real_a, real_b, cfg) -> dict:
+def dual_step(nets: dict, opts: dict, real_a, real_b, cfg, epoch: int = 1) -> dict:
     """One DCLGAN or SimDCL iteration [DCLGAN paper §3, Eq. 8; official DCLGAN
     code, models/dcl_model.py and models/simdcl_model.py].
 
@@ -942,9 +1016,9 @@ def dual_step(nets: dict, opts: dict, real_a, real_b, cfg) -> dict:
     # λ_NCE·L_PatchNCE in both directions, each image embedded by its own domain's nets:
     #   NCE1: keys H_a(G_ab.encode(real_a)), queries H_b(G_ba.encode(fake_b)); NCE2 mirrored.
     nce_ab = nce_between(real_a, out.fake_b, G_ab, H_a, cfg, G_query=G_ba, H_query=H_b,
-                         feat_k=out.keys_a)
+                         feat_k=out.keys_a, epoch=epoch)
     nce_ba = nce_between(real_b, out.fake_a, G_ba, H_b, cfg, G_query=G_ab, H_query=H_a,
-                         feat_k=out.keys_b)
+                         feat_k=out.keys_b, epoch=epoch)
     # λ_SIM·L_sim (SimDCL): real and fake images of a domain should embed alike.
     # The fakes' patches are sampled again with fresh ids (official, F14).
     loss_sim = zero
@@ -958,6 +1032,12 @@ def dual_step(nets: dict, opts: dict, real_a, real_b, cfg) -> dict:
     loss_idt_a = cfg.lambda_IDT * F.l1_loss(out.idt_a, real_a) if use_idt else zero
     loss_G = (0.5 * (loss_gan_ab + loss_gan_ba) + 0.5 * (nce_ab.loss + nce_ba.loss)
               + 0.5 * (loss_idt_b + loss_idt_a) + loss_sim)
+    # λ_SRC·L_SRC (Hneg-SRC, §8), a switch here: each direction's relations, averaged.
+    loss_src = None
+    if cfg.lambda_SRC > 0:
+        n = real_a.shape[0]
+        loss_src = 0.5 * (relation_term(nce_ab, n, cfg) + relation_term(nce_ba, n, cfg))
+        loss_G = loss_G + loss_src
     identity_pairs = [(out.idt_b, real_b), (out.idt_a, real_a)] if use_idt else []
     loss_perc = perceptual_terms(nets, cfg, [identity_pairs],
                                  [(out.fake_b, real_a), (out.fake_a, real_b)])
@@ -971,6 +1051,8 @@ def dual_step(nets: dict, opts: dict, real_a, real_b, cfg) -> dict:
                   NCE2=nce_ba.loss, idt_B=loss_idt_a, G=loss_G)
     if cfg.lambda_SIM > 0:
         losses["Sim"] = loss_sim
+    if loss_src is not None:
+        losses["SRC"] = loss_src
     if loss_perc is not None:
         losses["perc"] = loss_perc
     return {k: v.detach() for k, v in losses.items()}
@@ -1075,7 +1157,7 @@ def negative_step(nets: dict, opts: dict, forward: CutForward, real_a, real_b, c
     return loss_N
 
 
-def negcut_step(nets: dict, opts: dict, real_a, real_b, cfg) -> dict:
+def negcut_step(nets: dict, opts: dict, real_a, real_b, cfg, epoch: int = 1) -> dict:
     """One NEGCUT or FastNEGCUT iteration [NEGCUT paper §3; official NEGCUT code,
     models/negcut_model.py]: CUT's step with N's step between D's and G's.
 
@@ -1104,7 +1186,131 @@ def negcut_step(nets: dict, opts: dict, real_a, real_b, cfg) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# 8. CycleGAN
+# 8. PatchNCE's successors: Hneg-SRC and QS-Attn
+# -----------------------------------------------------------------------------
+# Two CVPR 2022 methods change what PatchNCE compares, each answering a weakness
+# the NEGCUT paper names: most in-image negatives are easy, and PatchNCE keeps
+# each patch's content but not the relations between patches (two patches that
+# were alike in x should stay alike in G(x)).
+#
+# Hneg-SRC (Jung, Kwon, Ye, "Exploring Patch-wise Semantic Relation for
+# Contrastive Learning in Image-to-Image Translation Tasks", arXiv 2203.01532;
+# official code jcy132/Hneg_SRC, Single-modal/models): CUT's networks and step
+# with two changes to the loss (--mode hnegsrc, or switches in CUT, DCLGAN, SimDCL):
+#   hdce_loss       a decoupled contrastive loss: the positive leaves the
+#                   denominator, and each negative's logit is weighted by how
+#                   similar it is to the query's source patch (hard negatives);
+#   relation_loss   semantic relation consistency: each patch's similarities to
+#                   the other patches, as a distribution, should be the same in
+#                   x and in G(x) (a Jensen-Shannon divergence per patch).
+#   L_G = L_GAN + λ_HDCE·½(hDCE(x) + hDCE_idt(y)) + λ_SRC·L_SRC
+# The official flag defaults (λ_HDCE = λ_SRC = 1, γ = 1, no identity term) did
+# not make the published numbers; the preset follows the repository's
+# horse2zebra recipe: identity term, λ_HDCE 0.1, λ_SRC 0.05, γ from 50 to 10 (F21).
+#
+# QS-Attn (Hu, Zhou, Wang, Gu, Wang, "QS-Attn: Query-Selected Attention for
+# Contrastive Learning in I2I Translation", arXiv 2203.08483; official code
+# sapphire497/query-selected-attention, models/networks_global.py): the anchors
+# are not random positions but the source positions whose attention over the
+# image is most peaked, i.e. the most distinctive ones (--patch_select qsattn,
+# in every PatchNCE mode). Each anchor is that attention row applied to the
+# features, v = A_QS·F, for the source and, with the same rows, for the output,
+# v̂ = A_QS·F_out. The official code does this on the deepest taps only (the
+# 64×64 ResNet-block maps at 256²) and samples the others at random (F22).
+
+def hdce_gamma(cfg, epoch: int) -> float:
+    """γ, the temperature of hDCE's hard-negative weights, in 1-based epoch e:
+    --HDCE_gamma; with --use_curriculum it moves linearly towards
+    --HDCE_gamma_min, γ_e = γ + (γ_min − γ)·e/(n_epochs + n_epochs_decay), and is
+    1 after --step_gamma_epoch when that is set (official SRC.py). A smaller γ
+    makes the weights sharper, so the curriculum starts easy and hardens."""
+    gamma = cfg.HDCE_gamma
+    if cfg.use_curriculum:
+        gamma = gamma + (cfg.HDCE_gamma_min - gamma) * epoch / cfg.total_epochs
+        if cfg.step_gamma_epoch and epoch > cfg.step_gamma_epoch:
+            gamma = 1.0
+    return gamma
+
+
+def hdce_loss(feat_q: torch.Tensor, feat_k: torch.Tensor, groups: int, tau: float,
+              gamma: float) -> torch.Tensor:
+    """Hneg-SRC's hard-negative decoupled contrastive loss for one layer [Hneg-SRC
+    paper §3.3; official code, models/hDCE.py and the weights of models/SRC.py].
+    With s_ij = q_i·k_j (q_i the query, k_j the keys of its group, z = unit(k)):
+        ω_ij = softmax_j(z_i·z_j/γ) / max_j softmax_j(z_i·z_j/γ)   (z_i·z_i set to −10 first)
+        ℓ_i = −s_ii/τ + log Σ_j exp(ω_ij·s_ij/τ)        (s_ii·ω_ii replaced by −10)
+    A negative whose key resembles the query's own source patch gets a weight
+    near 1, an unlike one a smaller weight: the weights come from the source
+    alone and are detached. "Decoupled": the positive is not in the sum (the
+    positive-negative coupling of the InfoNCE gradient goes, Yeh et al. 2021).
+    Shapes: feat_q, feat_k (n·S)×E -> (n·S). The value returned is what the
+    official code logs: the cross-entropy of [s_ii | ω·s]/τ, PatchNCE's form
+    with weighted negatives; its gradient is that of ℓ_i (official: exp(ℓ −
+    ℓ.detach()) − 1 + CE.detach(), whose value and gradient are the same)."""
+    dtype = torch.promote_types(feat_q.dtype, torch.float32)
+    feat_k, feat_q = feat_k.detach().to(dtype), feat_q.to(dtype)
+    q = feat_q.view(groups, -1, feat_q.shape[1])              # groups×P×E
+    k = feat_k.view(groups, -1, feat_k.shape[1])
+    diagonal = torch.eye(q.shape[1], dtype=torch.bool, device=q.device)[None]
+    z = unit(k, dim=2)                                        # official: normalised again
+    weights = torch.bmm(z, z.transpose(1, 2)).masked_fill(diagonal, -10.0)
+    weights = (weights / gamma).softmax(dim=2)                # groups×P×P, rows sum to 1
+    weights = weights / weights.amax(dim=2, keepdim=True)     # the hardest negative: 1
+    l_pos = (feat_q * feat_k).sum(dim=1, keepdim=True)        # (n·S)×1
+    l_neg = (torch.bmm(q, k.transpose(1, 2)) * weights).masked_fill(diagonal, -10.0)
+    l_neg = l_neg.flatten(0, 1)                               # (n·S)×P
+    decoupled = torch.logsumexp((l_neg - l_pos) / tau, dim=1)  # ℓ_i
+    target = torch.zeros(l_neg.shape[0], dtype=torch.long, device=l_neg.device)
+    logged = F.cross_entropy(torch.cat([l_pos, l_neg], dim=1) / tau, target, reduction="none")
+    return decoupled - decoupled.detach() + logged.detach()
+
+
+def relation_loss(feat_q: torch.Tensor, feat_k: torch.Tensor, n_images: int) -> torch.Tensor:
+    """Hneg-SRC's semantic relation consistency for one layer [Hneg-SRC paper
+    §3.2; official code, models/SRC.py]. Per image, with z = unit(keys of x),
+    detached, and w = unit(queries of G(x)), S×E each:
+        P_k = softmax_i(z_k·z_i),  Q_k = softmax_i(w_k·w_i)
+        L_SRC = Σ_k JSD(Q_k ‖ P_k),  JSD(a‖b) = ½·[KL(a‖m) + KL(b‖m)],  m = ½·(a + b)
+    summed over the S×S entries and the images (official: a sum, not a mean).
+    Why: PatchNCE keeps each patch apart from the others; this keeps how alike
+    the patches are, so regions that belonged together in x stay together.
+    No temperature: dot products of unit vectors, so the P_k are soft. The
+    softmax runs over dim 1 as in the official code (columns; the matrices are
+    symmetric, so column k is patch k's distribution). Returns a scalar."""
+    z = unit(feat_k.detach(), dim=1).view(n_images, -1, feat_k.shape[1])  # n×S×E
+    w = unit(feat_q, dim=1).view(n_images, -1, feat_q.shape[1])
+    p = torch.bmm(z, z.transpose(1, 2)).softmax(dim=1)        # n×S×S
+    q = torch.bmm(w, w.transpose(1, 2)).softmax(dim=1)
+    m = 0.5 * (p + q)
+    return 0.5 * ((q * (q.log() - m.log())).sum() + (p * (p.log() - m.log())).sum())
+
+
+def relation_term(nce: PatchNCE, n_images: int, cfg) -> torch.Tensor:
+    """λ_SRC·L_SRC, averaged over the layers, on the patches nce_between sampled."""
+    with torch.autocast(nce.loss.device.type, enabled=False):
+        terms = [relation_loss(q, k, n_images) for q, k in zip(nce.queries, nce.keys)]
+    return cfg.lambda_SRC * torch.stack(terms).mean()
+
+
+def query_selected_rows(flat: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """QS-Attn's global query selection [QS-Attn paper §3.2; official code,
+    models/networks_global.py PatchSampleF]. flat: the source's n×C×(h·w) map.
+        A = softmax_row(F·Fᵀ),  F = flatᵀ (h·w)×C, per image   (no scaling, as official)
+        H_i = −Σ_j A_ij·log A_ij,  keep the S rows of lowest entropy
+    A row of low entropy attends to few positions: its query is distinctive,
+    so the contrastive loss learns from the patches that matter. Selected per
+    image, unlike random ids. Returns A_QS, n×S×(h·w), in fp32; not detached:
+    the queries' loss reaches the source's features through it (official)."""
+    features = flat.float().transpose(1, 2)                   # n×(h·w)×C
+    log_attention = torch.bmm(features, features.transpose(1, 2)).log_softmax(dim=2)
+    attention = log_attention.exp()                           # n×(h·w)×(h·w)
+    entropy = -(attention * log_attention).sum(dim=2)         # n×(h·w); 0·log 0 counts 0
+    rows = entropy.argsort(dim=1)[:, :num_patches]            # the most peaked first
+    return attention.gather(1, rows[..., None].expand(-1, -1, attention.shape[2]))
+
+
+# -----------------------------------------------------------------------------
+# 9. CycleGAN
 # -----------------------------------------------------------------------------
 # The baseline every paper here compares with (CycleGAN paper §3). Two generators,
 # G_ab and G_ba, and no contrastive loss. Content is kept by cycle consistency:
@@ -1157,7 +1363,7 @@ class ImagePool(nn.Module):
         self.count = count
 
 
-def cyclegan_step(nets: dict, opts: dict, real_a, real_b, cfg) -> dict:
+def cyclegan_step(nets: dict, opts: dict, real_a, real_b, cfg, epoch: int = 1) -> dict:
     """One CycleGAN iteration [CycleGAN paper §3, Eq. 3 and §5.2; upstream
     pytorch-CycleGAN-and-pix2pix, models/cycle_gan_model.py].
 
@@ -1215,7 +1421,7 @@ def cyclegan_step(nets: dict, opts: dict, real_a, real_b, cfg) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# 9. An extension: the perceptual loss
+# 10. An extension: the perceptual loss
 # -----------------------------------------------------------------------------
 # A feature-prediction (perceptual) loss [Johnson, Alahi, Fei-Fei, ECCV 2016,
 # arXiv 1603.08155], in no official code here and off in every preset (F17):
@@ -1313,11 +1519,11 @@ def perceptual_terms(nets: dict, cfg, target_sets: list, content_pairs: list):
 
 
 # -----------------------------------------------------------------------------
-# 10. The modes side by side: presets, networks, steps
+# 11. The modes side by side: presets, networks, steps
 # -----------------------------------------------------------------------------
 # What makes CUT and FastCUT, NEGCUT, DCLGAN, SimDCL and CycleGAN different, in
 # one table. A preset lists only the settings that differ from the official CUT
-# defaults (TrainConfig, §11). Network names: G_ab maps A to B; D_b judges B
+# defaults (TrainConfig, §12). Network names: G_ab maps A to B; D_b judges B
 # images (official D_A); H_a embeds A images (official F1); M_* are SimDCL's
 # mapping heads for real/fake A/B sets (official F3..F6); N is NEGCUT's
 # negative generator and H_ema its momentum head (official F_); pool_* keep
@@ -1330,11 +1536,13 @@ def perceptual_terms(nets: dict, cfg, target_sets: list, content_pairs: list):
 #   fastnegcut  negcut_step    G D H N H_ema                 FastCUT's, generated negatives
 #   dcl         dual_step      G_ab G_ba D_a D_b H_a H_b     two directions, hinge
 #   simdcl      dual_step      DCLGAN's + M_ra M_fb M_rb M_fa  DCLGAN + L_sim
+#   hnegsrc     cut_step       G D H                         hDCE + relations (§8)
 #   cyclegan    cyclegan_step  G_ab G_ba D_a D_b pool_a pool_b  cycle, no NCE
+# QS-Attn is a switch of every PatchNCE mode: --patch_select qsattn.
 
 class Mode(NamedTuple):
     step: Callable            # one training iteration: (nets, opts, real_a, real_b, cfg) -> losses
-    networks: tuple           # the networks it builds, by name (§13 builds each name)
+    networks: tuple           # the networks it builds, by name (§14 builds each name)
     preset: dict              # settings that differ from the official CUT defaults
 
 
@@ -1372,6 +1580,13 @@ MODES = {
     "simdcl": Mode(dual_step, TWO_SIDED + ("M_ra", "M_fb", "M_rb", "M_fa"), dict(
         nce_layers="4,8,12,16", gan_mode="hinge", lambda_NCE=1.0, nce_idt=False, lambda_IDT=1.0,
         lambda_SIM=10.0, nce_includes_all_negatives_from_minibatch=True)),
+    # Hneg-SRC (official jcy132/Hneg_SRC, its README's horse2zebra recipe: --CUT_mode
+    # CUT --dce_idt --lambda_HDCE 0.1 --lambda_SRC 0.05 --use_curriculum
+    # --HDCE_gamma 50 --HDCE_gamma_min 10): CUT with hDCE and the relation term (F21).
+    "hnegsrc": Mode(cut_step, ONE_SIDED, dict(
+        lambda_NCE=0.1, nce_idt=True, flip_equivariance=False, nce_loss="hdce", lambda_SRC=0.05,
+        use_curriculum=True, HDCE_gamma=50.0, HDCE_gamma_min=10.0, n_epochs=200,
+        n_epochs_decay=200)),
     # CycleGAN (upstream pytorch-CycleGAN-and-pix2pix): strided and transposed
     # convs, N(0, 0.02) init, cycle weight 10, identity 0.5 (× 10), a pool of
     # 50 old fakes for D, 100 + 100 epochs, random crops throughout.
@@ -1390,11 +1605,11 @@ MODES = {
 # bench, torchrun and the command line. None of it changes what a step computes.
 
 # -----------------------------------------------------------------------------
-# 11. Configuration
+# 12. Configuration
 # -----------------------------------------------------------------------------
 # One dataclass holds every setting; each field becomes a command-line flag with
-# the official name (§19). resolve_config merges the official defaults, the mode
-# preset (§10), the demo settings and the typed flags, and records where each
+# the official name (§20). resolve_config merges the official defaults, the mode
+# preset (§11), the demo settings and the typed flags, and records where each
 # value came from, so the printed config explains itself. The resolved config is
 # saved with the run and in every checkpoint, so translate needs nothing else.
 
@@ -1444,8 +1659,10 @@ class TrainConfig:
     # losses
     gan_mode: str = _opt("lsgan", "adversarial loss", choices=("lsgan", "hinge"))
     lambda_GAN: float = _opt(1.0, "weight of the adversarial loss of G")
-    lambda_NCE: float = _opt(1.0, "weight of the PatchNCE loss")
-    nce_idt: bool = _opt(True, "also apply PatchNCE to y -> G(y) (identity)")
+    lambda_NCE: float = _opt(1.0, "weight of the PatchNCE (or hDCE) loss",
+                             aliases=("--lambda_HDCE",))
+    nce_idt: bool = _opt(True, "also apply PatchNCE to y -> G(y) (identity)",
+                         aliases=("--dce_idt",))
     nce_T: float = _opt(0.07, "tau: the PatchNCE temperature")
     nce_includes_all_negatives_from_minibatch: bool = _opt(False, "negatives from the whole batch")
     lambda_IDT: float = _opt(0.0, "weight of the L1 identity loss |G(y) − y| "
@@ -1462,6 +1679,18 @@ class TrainConfig:
     vgg_weights: str = _opt("", "VGG16 ImageNet weights (vgg16-397923af.pth); default: "
                             "torchvision's cache; 'random' = random weights, for tests only")
     nce_hard_beta: float = _opt(0.0, "weight negatives by exp(beta·similarity) (0 = official)")
+    # successors of PatchNCE (§8; off in every preset but hnegsrc)
+    nce_loss: str = _opt("patchnce", "the contrastive loss: PatchNCE, or Hneg-SRC's hard-negative "
+                         "decoupled loss", choices=("patchnce", "hdce"))
+    lambda_SRC: float = _opt(0.0, "Hneg-SRC: weight of the semantic relation consistency loss")
+    HDCE_gamma: float = _opt(1.0, "Hneg-SRC: γ, the temperature of the hard-negative weights")
+    HDCE_gamma_min: float = _opt(1.0, "Hneg-SRC: γ at the end of the run, with --use_curriculum")
+    use_curriculum: bool = _opt(False, "Hneg-SRC: move γ linearly to HDCE_gamma_min")
+    step_gamma_epoch: int = _opt(0, "Hneg-SRC: γ = 1 after this epoch, with --use_curriculum "
+                                 "(0 = never; official --step_gamma --step_gamma_epoch)")
+    patch_select: str = _opt("random", "PatchNCE's anchors: random positions, or QS-Attn's "
+                             "query-selected attention rows on the deepest taps",
+                             choices=("random", "qsattn"))
     flip_equivariance: bool = _opt(False, "FastCUT: flip inputs at random, G's features back")
     # optimisation
     n_epochs: int = _opt(200, "epochs at the initial learning rate")
@@ -1519,7 +1748,7 @@ class TrainConfig:
         if self.nce_T <= 0:
             raise UserError("--nce_T must be positive")
         mode = MODES[self.mode]
-        # Which steps make an image that has a target to compare with (§9).
+        # Which steps make an image that has a target to compare with (§10).
         targets = {cyclegan_step: True, dual_step: self.lambda_IDT > 0}.get(
             mode.step, self.nce_idt and self.lambda_NCE > 0)
         if self.lambda_perc > 0 and not targets:
@@ -1529,6 +1758,17 @@ class TrainConfig:
         if self.lambda_SIM > 0 and "M_ra" not in mode.networks:
             raise UserError(f"--lambda_SIM: --mode {self.mode} has no mapping heads for the "
                             "similarity loss; use --mode simdcl")
+        contrastive = mode.step is not cyclegan_step and self.lambda_NCE > 0
+        successors = {"--nce_loss hdce": self.nce_loss == "hdce",
+                      "--lambda_SRC": self.lambda_SRC > 0,
+                      "--patch_select qsattn": self.patch_select == "qsattn"}
+        for flag, used in successors.items():
+            if used and not contrastive:
+                raise UserError(f"{flag}: --mode {self.mode} with --lambda_NCE {self.lambda_NCE} "
+                                "has no contrastive loss to change")
+        if self.nce_loss == "hdce" and ("N" in mode.networks or self.nce_hard_beta):
+            raise UserError("--nce_loss hdce weights the in-image negatives itself: not with "
+                            "NEGCUT's generated negatives nor with --nce_hard_beta")
         if "N" in mode.networks and self.num_patches % 2:
             raise UserError(f"--num_patches {self.num_patches}: NEGCUT's diversity term splits "
                             "the negatives into two halves; use an even number")
@@ -1563,7 +1803,7 @@ def describe_config(cfg: TrainConfig, origin: dict) -> str:
 
 
 # -----------------------------------------------------------------------------
-# 12. Unpaired data
+# 13. Unpaired data
 # -----------------------------------------------------------------------------
 # DATAROOT/trainA and trainB hold unrelated images. An epoch has max(|A|, |B|)
 # items (official unaligned_dataset.py): item i is A image i mod |A|, so every A
@@ -1710,9 +1950,9 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 # -----------------------------------------------------------------------------
-# 13. Networks and optimisers
+# 14. Networks and optimisers
 # -----------------------------------------------------------------------------
-# Every network name a mode lists in §10: what it is, and which Adam trains it.
+# Every network name a mode lists in §11: what it is, and which Adam trains it.
 # None: no optimiser (H_ema moves by the EMA only; a pool holds images).
 NETWORK_KINDS = {
     "G": ("generator", "G"), "G_ab": ("generator", "G"), "G_ba": ("generator", "G"),
@@ -1740,7 +1980,7 @@ def memory_layout(fast: bool):
 
 
 def build_networks(cfg: TrainConfig, device) -> dict:
-    """The mode's networks (§10), built when the run starts and initialised; the
+    """The mode's networks (§11), built when the run starts and initialised; the
     head sizes come from the tapped layers' channel counts (F5). A network no
     optimiser trains gets no gradients either."""
     with torch.device("meta"):                                # shapes only: no memory, no RNG
@@ -1806,13 +2046,13 @@ def count_parameters(net: nn.Module) -> int:
 
 
 # -----------------------------------------------------------------------------
-# 14. The training loop
+# 15. The training loop
 # -----------------------------------------------------------------------------
 # train() runs in numbered phases: processes and device, the run folder, seeds,
 # data, networks (restored when continuing), what will happen, the loop, the
 # end. The loop's output: a one-line progress display, a JSON row per log step
 # in log.jsonl, sample grids of fixed inputs, and ckpt_latest.pt, from which a
-# run always continues exactly (§15).
+# run always continues exactly (§16).
 
 def lr_multiplier(epoch: int, cfg: TrainConfig) -> float:
     """Official 'linear' policy for 1-based epoch e: 1 − max(0, e − n_epochs)/(n_epochs_decay + 1).
@@ -1911,7 +2151,7 @@ def write_run_info(run_dir: Path, cfg: TrainConfig, device: torch.device, argv: 
 
 def open_run(cfg: TrainConfig, origin: dict, latest: Path) -> tuple:
     """(cfg, origin, stored checkpoint or None): continuing takes the stored
-    config (with the flags that may change, §15); a new run may not reuse the
+    config (with the flags that may change, §16); a new run may not reuse the
     folder of one that has a checkpoint."""
     if cfg.continue_train:
         resume = read_checkpoint(latest)
@@ -1978,7 +2218,7 @@ def open_log(run_dir: Path, step: int, resuming: bool):
 
 
 def train(cfg: TrainConfig, origin: dict, argv: list) -> int:
-    # 1. Processes and device: a plain run, or one of torchrun's processes (§18).
+    # 1. Processes and device: a plain run, or one of torchrun's processes (§19).
     rank, world, device = setup_distributed(pick_device(cfg.device))
     master = rank == 0                                        # only it prints and writes files
     say = print if master else lambda *args, **kw: None
@@ -2062,7 +2302,8 @@ def train(cfg: TrainConfig, origin: dict, argv: list) -> int:
             with amp:
                 losses = step_fn(nets, opts,
                                  real_a.to(device, non_blocking=True, memory_format=layout),
-                                 real_b.to(device, non_blocking=True, memory_format=layout), cfg)
+                                 real_b.to(device, non_blocking=True, memory_format=layout), cfg,
+                                 epoch=epoch)
             meter.add(losses)
             step, epoch_step = step + 1, epoch_step + 1
             finished = bool(cfg.max_steps) and step >= cfg.max_steps
@@ -2164,7 +2405,7 @@ def install_stop_handlers() -> dict:
 
 
 # -----------------------------------------------------------------------------
-# 15. Checkpoints
+# 16. Checkpoints
 # -----------------------------------------------------------------------------
 # One file holds a run: every network, every optimiser state, the counters, the
 # RNG states and the resolved config (official: one weights file per network and
@@ -2290,7 +2531,7 @@ def resume_config(ckpt: dict, cfg: TrainConfig, origin: dict, path: Path) -> Tra
 
 
 # -----------------------------------------------------------------------------
-# 16. Translate
+# 17. Translate
 # -----------------------------------------------------------------------------
 # G is fully convolutional, so it translates any size: reflect-pad to a
 # multiple of 4 (two halvings and two doublings), translate, crop back (F8).
@@ -2388,7 +2629,7 @@ def translate(args) -> int:
 
 
 # -----------------------------------------------------------------------------
-# 17. Bench
+# 18. Bench
 # -----------------------------------------------------------------------------
 # Times the real training step (MODES[mode].step, under train's autocast) on
 # random batches: no data loading, warm-up steps (cuDNN autotuning, compilation),
@@ -2463,11 +2704,11 @@ def bench(flags: dict, modes: list, steps: int, warmup: int) -> int:
 
 
 # -----------------------------------------------------------------------------
-# 18. torchrun
+# 19. torchrun
 # -----------------------------------------------------------------------------
 # `torchrun --nproc_per_node=N dcl.py train ...` runs N copies of this program;
 # each finds RANK, LOCAL_RANK and WORLD_SIZE in its environment (F19). They build
-# the same networks from one seed, each takes its share of every epoch (§12) and
+# the same networks from one seed, each takes its share of every epoch (§13) and
 # draws its own patch ids, noise and flips, and before every optimiser step the
 # gradients are averaged over the processes, so the weights stay identical. Only
 # rank 0 prints and writes files.
@@ -2498,7 +2739,7 @@ def average_gradients(opt: torch.optim.Optimizer, args=(), kwargs=None) -> None:
 
 
 # -----------------------------------------------------------------------------
-# 19. Command line
+# 20. Command line
 # -----------------------------------------------------------------------------
 # train and bench get one flag per TrainConfig field, generated from the
 # dataclass, with the official spelling; translate has its own few.

@@ -53,7 +53,8 @@ LOSS_NAMES = {"cut": {"D_real", "D_fake", "G_GAN", "NCE", "NCE_Y", "G"},
               "simdcl": {"D_A", "G_A", "NCE1", "idt_A", "D_B", "G_B", "NCE2", "idt_B", "G", "Sim"},
               "cyclegan": {"D_A", "G_A", "cycle_A", "idt_A", "D_B", "G_B", "cycle_B", "idt_B", "G"},
               "negcut": {"D_real", "D_fake", "G_GAN", "NCE", "NCE_Y", "G", "N"},
-              "fastnegcut": {"D_real", "D_fake", "G_GAN", "NCE", "G", "N"}}
+              "fastnegcut": {"D_real", "D_fake", "G_GAN", "NCE", "G", "N"},
+              "hnegsrc": {"D_real", "D_fake", "G_GAN", "HDCE", "HDCE_Y", "SRC", "G"}}
 ONE_SIDED = ["cut", "fastcut", "negcut", "fastnegcut"]
 TWO_SIDED = ["dcl", "simdcl", "cyclegan"]
 
@@ -164,7 +165,7 @@ def runs(tmp_path_factory, data):
     return get
 
 # -----------------------------------------------------------------------------
-# networks (§1-§4, §6, §8)
+# networks (§1-§4, §6, §9)
 # -----------------------------------------------------------------------------
 
 def weight_and_bias(key, shape):
@@ -279,7 +280,7 @@ def test_downsample_and_upsample():
 
 
 def test_init_is_xavier_gain_002():
-    """§1, §13: build_networks gives every conv and linear weight
+    """§1, §14: build_networks gives every conv and linear weight
     std = 0.02·√(2/(fan_in+fan_out)) and zero biases. A resblock conv at ngf 64
     has fan_in = fan_out = 256·9 = 2304, so std = 0.02·√(2/4608) ≈ 4.167e-4;
     H's mlp_4.2 (256x256) has std = 0.02·√(2/512) = 1.25e-3. "An untrained G
@@ -402,7 +403,7 @@ def test_official_state_dict_loads_strictly(tmp_path):
 
 
 def test_two_generator_parameter_counts_at_official_sizes():
-    """§2, §3, §6, §13: on the meta device, the non-antialiased G (both flags off)
+    """§2, §3, §6, §14: on the meta device, the non-antialiased G (both flags off)
     has the antialiased G's 11,378,179 parameters, the stride-2 D 2,764,737,
     a MappingHead 10,688 (conv 4·64·9 + 64 = 2,368, two linears
     2·(64·64 + 64) = 8,320). build_networks at official sizes (ngf = ndf = 64,
@@ -463,7 +464,7 @@ def test_non_antialiased_shapes():
 
 
 def test_translate_official_cyclegan_generator(data, tmp_path, capsys):
-    """§16: a random non-antialiased G saved as CycleGAN's latest_net_G_A.pth
+    """§17: a random non-antialiased G saved as CycleGAN's latest_net_G_A.pth
     loads strictly under `translate --mode cyclegan` (which builds the 28-entry
     G), and the PNG for a 37x29 image equals G(x) computed here."""
     torch.manual_seed(0)
@@ -503,11 +504,11 @@ def test_projection_head():
     assert torch.equal(twins[:16], twins[16:])               # same positions for both images
 
 # -----------------------------------------------------------------------------
-# image pool (§8)
+# image pool (§9)
 # -----------------------------------------------------------------------------
 
 def test_image_pool_fills_then_swaps_at_random():
-    """§8: capacity 3. The first 3 fakes are stored in slots 0..2 and returned
+    """§9: capacity 3. The first 3 fakes are stored in slots 0..2 and returned
     unchanged (count 1, 2, 3). Once full, each returned image is either the new
     one (pool unchanged) or exactly one stored image, whose slot then holds the
     new one (upstream CycleGAN's image pool); with the torch RNG seeded, both happen within 20
@@ -534,7 +535,7 @@ def test_image_pool_fills_then_swaps_at_random():
 
 
 def test_image_pool_of_capacity_0_passes_fakes_through():
-    """§8: with capacity 0 (--pool_size 0, upstream's "no pool") the pool
+    """§9: with capacity 0 (--pool_size 0, upstream's "no pool") the pool
     returns its input, detached, whatever the RNG draws."""
     pool = dcl.ImagePool(0, 4)
     torch.manual_seed(0)
@@ -544,7 +545,7 @@ def test_image_pool_of_capacity_0_passes_fakes_through():
 
 
 def test_image_pool_state_round_trips(tmp_path):
-    """§8, §15: the pool's images and its count travel through state_dict /
+    """§9, §16: the pool's images and its count travel through state_dict /
     load_state_dict (count as extra state), also via torch.save and
     torch.load(weights_only=True), as in checkpoints."""
     pool = dcl.ImagePool(3, 4)
@@ -737,7 +738,7 @@ def test_similarity_loss_equals_the_official_batch_1_construction():
         assert all(p.grad is not None and p.grad.any() for p in head.parameters()), name
 
 # -----------------------------------------------------------------------------
-# the training step (§3, §5, §6, §8)
+# the training step (§3, §5, §6, §9)
 # -----------------------------------------------------------------------------
 
 def test_cut_step_gradient_routing():
@@ -851,7 +852,7 @@ def test_dual_nce_pairing_rule():
 
 @pytest.mark.parametrize("mode", TWO_SIDED)
 def test_two_generator_step_losses(mode):
-    """§6, §8: dual_step and cyclegan_step return the official loss names, finite,
+    """§6, §9: dual_step and cyclegan_step return the official loss names, finite,
     detached scalars, and G is the documented combination of the returned terms:
     DCLGAN/SimDCL G = 0.5·(G_A + G_B) + 0.5·(NCE1 + NCE2) + 0.5·(idt_A + idt_B)
     (+ Sim); CycleGAN G = G_A + G_B + cycle_A + cycle_B + idt_A + idt_B.
@@ -916,7 +917,7 @@ class ScaleByW(torch.nn.Module):
 
 
 def test_cyclegan_identity_generators_give_zero_cycle_and_identity():
-    """§8: with G_ab = G_ba = identity (x·1), rec_a = real_a, rec_b = real_b,
+    """§9: with G_ab = G_ba = identity (x·1), rec_a = real_a, rec_b = real_b,
     idt_b = real_b, idt_a = real_a, so cycle_A, cycle_B, idt_A and idt_B are
     exactly 0 and G = G_A + G_B; the adversarial term still moves w."""
     torch.manual_seed(0)
@@ -936,7 +937,7 @@ def test_cyclegan_identity_generators_give_zero_cycle_and_identity():
 
 
 def test_cyclegan_step_gradient_routing():
-    """§8: cyclegan_step's G step runs with D_a and D_b frozen (its docstring;
+    """§9: cyclegan_step's G step runs with D_a and D_b frozen (its docstring;
     upstream CycleGAN: requires_grad False), so D has no gradient when Adam
     steps G, also on a run's first step, while every generator parameter has
     a non-zero one; the D step (pooled fakes, detached) leaves the generators'
@@ -958,13 +959,13 @@ def test_cyclegan_step_gradient_routing():
     assert all(g is None for name in ("D_a", "D_b") for g in seen["at_G"][name])
 
 # -----------------------------------------------------------------------------
-# config and schedule (§10, §11, §13, §14)
+# config and schedule (§11, §12, §14, §15)
 # -----------------------------------------------------------------------------
 
 def test_mode_presets_and_precedence():
-    """§10, §11: presets set λ_NCE, nce_idt, flip and epochs; flags beat presets; the
+    """§11, §12: presets set λ_NCE, nce_idt, flip and epochs; flags beat presets; the
     demo settings apply only without --dataroot; other defaults are official.
-    §13: one Adam(2e-4, (0.5, 0.999)) each for G, D and H."""
+    §14: one Adam(2e-4, (0.5, 0.999)) each for G, D and H."""
     cut, _ = dcl.resolve_config({"mode": "cut", "dataroot": "x"})
     fast, _ = dcl.resolve_config({"mode": "fastcut", "dataroot": "x"})
     assert (cut.lambda_NCE, cut.nce_idt, cut.flip_equivariance, cut.n_epochs, cut.n_epochs_decay) \
@@ -988,7 +989,7 @@ def test_mode_presets_and_precedence():
 
 
 def test_two_generator_presets_and_networks():
-    """§10 (the official DCLGAN and upstream CycleGAN defaults; F11, F12, F14):
+    """§11 (the official DCLGAN and upstream CycleGAN defaults; F11, F12, F14):
     DCLGAN taps 4,8,12,16 with hinge, λ_NCE 2, λ_IDT 1, whole-batch negatives, no
     pool, heads at lr 1e-3 and beta1 0.9, 200 + 200 epochs. SimDCL: the same but λ_NCE 1 (the
     effective weight: the official λ_NCE 2 is never applied), λ_SIM 10, heads
@@ -1041,7 +1042,7 @@ def test_two_generator_presets_and_networks():
 
 @pytest.mark.parametrize("mode", TWO_SIDED)
 def test_two_generator_optimizers(mode):
-    """§13 (the official optimisers): one Adam per family, no weight decay: G over G_ab ∪
+    """§14 (the official optimisers): one Adam per family, no weight decay: G over G_ab ∪
     G_ba and D over D_a ∪ D_b, both (2e-4, (0.5, 0.999)); H over H_a ∪ H_b at
     Adam's defaults (1e-3, (0.9, 0.999)) for DCLGAN (F12), over H_a ∪ H_b and
     the four mapping heads at (2e-4, (0.5, 0.999)) for SimDCL; CycleGAN has
@@ -1073,7 +1074,7 @@ def test_two_generator_optimizers(mode):
 
 
 def test_lr_multiplier_known_answers():
-    """§14: 1 − max(0, e − 200)/201 for 200 + 200 epochs: 1 for epochs 1..200,
+    """§15: 1 − max(0, e − 200)/201 for 200 + 200 epochs: 1 for epochs 1..200,
     1 − 1/201 at 201, and 1/201 (never 0) at 400."""
     cfg = dcl.resolve_config({"dataroot": "x", "n_epochs": 200, "n_epochs_decay": 200})[0]
     assert dcl.lr_multiplier(1, cfg) == 1.0 and dcl.lr_multiplier(200, cfg) == 1.0
@@ -1088,7 +1089,7 @@ def expected_resize(path, size):
 
 
 def test_no_crop_in_decay_epochs(data):
-    """§12: the sampler switches cropping off after n_epochs (F6) unless
+    """§13: the sampler switches cropping off after n_epochs (F6) unless
     --crop_in_decay; a no-crop item is a plain bicubic resize to crop_size."""
     cfg = tiny_cfg(dataroot=str(data), n_epochs=2, n_epochs_decay=2, no_flip=True)
     assert [dcl.EpochSampler(4, cfg, e).no_crop for e in (1, 2, 3, 4)] == [False, False, True, True]
@@ -1105,7 +1106,7 @@ def test_no_crop_in_decay_epochs(data):
 
 
 def test_item_seeds_distinct_across_epochs():
-    """§12: every (seed, epoch, position) gets its own item seed, so no item of
+    """§13: every (seed, epoch, position) gets its own item seed, so no item of
     epoch 2 repeats the B draw, crop and flip of an item of epoch 1 (a linear
     seed formula once made position p + 7919 of one epoch equal position p of
     the next)."""
@@ -1114,11 +1115,11 @@ def test_item_seeds_distinct_across_epochs():
     assert len(seeds[0]) == len(seeds[1]) == 8000 and not seeds[0] & seeds[1]
 
 # -----------------------------------------------------------------------------
-# data (§12)
+# data (§13)
 # -----------------------------------------------------------------------------
 
 def test_find_images(tmp_path):
-    """§12: find_images walks subfolders, matches extensions in any case, skips other files."""
+    """§13: find_images walks subfolders, matches extensions in any case, skips other files."""
     names = ["a.jpg", "b.JPEG", "sub/c.png", "sub/deeper/d.BMP", "e.tif", "f.webp", "g.Png"]
     for name in names + ["notes.txt", "sub/readme.md"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -1127,7 +1128,7 @@ def test_find_images(tmp_path):
 
 
 def test_dataset_modes_lengths_and_reproducibility(data):
-    """§12: L, RGBA and P images load as 3-channel tensors in [−1, 1]; the length
+    """§13: L, RGBA and P images load as 3-channel tensors in [−1, 1]; the length
     is max(|A|, |B|) = 4; an item is a function of its key; with
     --serial_batches item i pairs B[i mod |B|] (i = 3 -> B[0])."""
     cfg = tiny_cfg(dataroot=str(data))
@@ -1145,12 +1146,12 @@ def test_dataset_modes_lengths_and_reproducibility(data):
     assert torch.allclose(b, expected_resize(data / "trainB" / "0.png", 32), atol=1e-6)
 
 # -----------------------------------------------------------------------------
-# command line: train and translate (§14-§16)
+# command line: train and translate (§15-§17)
 # -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", list(dcl.MODES))
 def test_train_then_translate(mode, runs, data, tmp_path, capsys):
-    """§14-§16: `train --max_steps 2` writes a checkpoint, two log rows with the
+    """§15-§17: `train --max_steps 2` writes a checkpoint, two log rows with the
     mode's losses, samples and config.json; `translate` writes one PNG per
     input, at the input's size and relative path (subfolders kept). Training
     runs as a separate process; translate in this one, through dcl.main (the
@@ -1180,7 +1181,7 @@ def test_train_then_translate(mode, runs, data, tmp_path, capsys):
 
 
 def test_resume_gives_identical_losses_and_weights(data, tmp_path):
-    """§15: 4 steps in one run equal 2 steps, then --continue_train to 4
+    """§16: 4 steps in one run equal 2 steps, then --continue_train to 4
     (FastCUT: patch ids, the flip coin and mid-epoch data all resume)."""
     flags = ["train", "--mode", "fastcut", "--dataroot", data, *TINY, "--deterministic",
              "--seed", 1, "--checkpoints_dir", tmp_path]
@@ -1201,7 +1202,7 @@ def test_resume_gives_identical_losses_and_weights(data, tmp_path):
 
 
 def test_resume_at_max_steps_trains_nothing(runs, tmp_path):
-    """§14: --max_steps counts steps in all, so continuing a run that already
+    """§15: --max_steps counts steps in all, so continuing a run that already
     reached it (step 2, max_steps 2) trains no further step, and the closing
     advice names --max_steps, the flag that would train longer."""
     _, run_dir = runs("cut")
@@ -1222,7 +1223,7 @@ def translate_in_process(capsys, checkpoint, source, output, *extra):
 
 @pytest.mark.parametrize("mode", list(dcl.MODES))
 def test_checkpoint_round_trip(mode, runs, data, tmp_path, capsys):
-    """§15-§16: the checkpoint loads with weights_only=True; translate's output
+    """§16-§17: the checkpoint loads with weights_only=True; translate's output
     for a 37x29 image equals G(x) computed here (G_ab in two-generator modes,
     built from the stored config, so CycleGAN's is the non-antialiased G):
     reflect-pad to 40x32, G, crop back, (y + 1)/2·255 truncated to uint8."""
@@ -1237,7 +1238,7 @@ def test_checkpoint_round_trip(mode, runs, data, tmp_path, capsys):
 
 @pytest.mark.parametrize("mode", list(dcl.MODES))
 def test_translate_official_state_dict(mode, runs, data, tmp_path, capsys):
-    """§16: G's weights (G_ab's in two-generator modes) saved as an official
+    """§17: G's weights (G_ab's in two-generator modes) saved as an official
     latest_net_G.pth (latest_net_G_A.pth) translate to byte-identical PNGs
     given --mode; without --mode, exit 2 naming --mode."""
     _, run_dir = runs(mode)
@@ -1257,7 +1258,7 @@ def test_translate_official_state_dict(mode, runs, data, tmp_path, capsys):
 
 
 def test_translate_btoa_uses_g_ba(runs, data, tmp_path, capsys):
-    """§16: --direction BtoA on a DCLGAN checkpoint translates with G_ba: on
+    """§17: --direction BtoA on a DCLGAN checkpoint translates with G_ba: on
     testB its PNGs differ from the AtoB ones (G_ab), and the one for 0.png
     equals G_ba(x) computed here from the checkpoint."""
     _, run_dir = runs("dcl")
@@ -1293,7 +1294,7 @@ def whole_and_resumed(capsys, tmp_path, mode, *flags):
 
 
 def test_resume_cyclegan_restores_the_image_pools(data, tmp_path, capsys):
-    """§15: CycleGAN, 4 steps in one run equal 2 steps, then --continue_train
+    """§16: CycleGAN, 4 steps in one run equal 2 steps, then --continue_train
     to 4: identical log rows 3-4 and identical nets, the pools' images and
     counts included. --pool_size 1 makes the pools full after step 1, so from
     step 2 on D sees a random mix of the restored pool and new fakes (torch
@@ -1314,7 +1315,7 @@ def test_resume_cyclegan_restores_the_image_pools(data, tmp_path, capsys):
 
 
 def test_translate_never_overwrites_its_own_output(runs, data, tmp_path, capsys):
-    """§16: translate writes one PNG per input (F8): x.jpg and x.png in one
+    """§17: translate writes one PNG per input (F8): x.jpg and x.png in one
     folder become x.jpg.png and x.png.png instead of overwriting one x.png."""
     _, run_dir = runs("cut")
     shutil.copy(data / "testA" / "0.jpg", tmp_path / "x.jpg")
@@ -1335,7 +1336,7 @@ def test_translate_never_overwrites_its_own_output(runs, data, tmp_path, capsys)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.jpg.png", "x.png.png"]
 
 # -----------------------------------------------------------------------------
-# command line: errors, --help, size (§11, §19)
+# command line: errors, --help, size (§12, §20)
 # -----------------------------------------------------------------------------
 
 def bad_input(case, tmp_path, data, runs):
@@ -1392,7 +1393,7 @@ def bad_input(case, tmp_path, data, runs):
                                   "crop_too_small", "bench_no_steps", "resume_with_other_world",
                                   "empty_input"])
 def test_bad_input_is_one_line_and_exit_2(case, tmp_path, data, runs, capsys):
-    """§19: every mistake in the command, data or files exits with status 2 and
+    """§20: every mistake in the command, data or files exits with status 2 and
     one stderr line "error: ..." naming the path or flag, without a traceback.
     Run in-process through dcl.main (the same code path as the command line;
     all of these fail before training starts) to keep the suite fast.
@@ -1413,7 +1414,7 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path, data, runs, capsys):
 
 
 def test_existing_run_is_refused_untouched(runs, data, tmp_path, capsys):
-    """§14: train with the name of a run that has ckpt_latest.pt, without
+    """§15: train with the name of a run that has ckpt_latest.pt, without
     --continue_train, exits 2 and leaves the checkpoint byte for byte."""
     _, run_dir = runs("cut")
     shutil.copytree(run_dir, tmp_path / "cut")
@@ -1426,7 +1427,7 @@ def test_existing_run_is_refused_untouched(runs, data, tmp_path, capsys):
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_unreadable_domain_stops_training(workers, runs, data, tmp_path):
-    """§12, §14: when every trainA file is garbage, each read is skipped for
+    """§13, §15: when every trainA file is garbage, each read is skipped for
     another until ten in a row fail; then the run stops with an error as its
     last line, naming the folder and a file, after nothing but warnings,
     exit 2, no traceback, and the run's
@@ -1453,7 +1454,7 @@ def test_unreadable_domain_stops_training(workers, runs, data, tmp_path):
 
 
 def test_corrupt_image_is_skipped_and_counted(data, tmp_path, capsys):
-    """§12: one corrupt file among good ones is skipped with a warning naming
+    """§13: one corrupt file among good ones is skipped with a warning naming
     it, replaced by another image of its domain, counted in the closing
     summary, and training finishes (exit 0). With --serial_batches and 4 A
     images, 4 steps read every A file once, so the bad one is met."""
@@ -1470,7 +1471,7 @@ def test_corrupt_image_is_skipped_and_counted(data, tmp_path, capsys):
 
 
 def test_help_lists_every_config_field(capsys):
-    """§19: `train --help` has one flag per TrainConfig field."""
+    """§20: `train --help` has one flag per TrainConfig field."""
     code, out, _ = main_in_process(capsys, "train", "--help")
     assert code == 0
     flags = set(re.findall(r"(?m)^\s+--(\w+)", out))
@@ -1515,9 +1516,9 @@ def test_line_budget_and_tutorial_shape():
     """The size rule: dcl.py holds at most 1,650 code lines and 3,000 lines in
     all, no line longer than 100 characters, and no reference to a document the
     repository does not ship; nor has test_dcl.py. It reads as a tutorial:
-    sections 1-10 (Part I, the methods) before 11-19 (Part II), each Part I section at least 45%
+    sections 1-11 (Part I, the methods) before 12-20 (Part II), each Part I section at least 45%
     explanation, the file at least 35%; the module docstring lists a reading
-    path for every mode, and every note F1-F20 it defines."""
+    path for every method, and every note F1-F22 it defines."""
     text = Path(dcl.__file__).read_text()
     kinds = line_kinds(text)
     assert kinds.count("code") <= 1650 and len(kinds) <= 3000
@@ -1528,18 +1529,19 @@ def test_line_budget_and_tutorial_shape():
     assert max(len(line) for line in tests.splitlines()) <= 100 and not re.search(unshipped, tests)
     shares = section_shares(text)
     numbers = [int(t.split(".")[0]) for t in shares]
-    assert numbers == list(range(20))
-    part_one = {t: v for t, v in shares.items() if 1 <= int(t.split(".")[0]) <= 10}
+    assert numbers == list(range(21))
+    part_one = {t: v for t, v in shares.items() if 1 <= int(t.split(".")[0]) <= 11}
     assert all(v >= 0.45 for v in part_one.values()), part_one
     explained = sum(kinds.count(k) for k in ("doc", "comment"))
     assert explained / (explained + kinds.count("code")) >= 0.35
     assert (
-        text.index("PART I.") < text.index("# 1. ") < text.index("PART II.") < text.index("# 11. ")
+        text.index("PART I.") < text.index("# 1. ") < text.index("PART II.") < text.index("# 12. ")
     )
     paths = dcl.__doc__.split("Reading paths")[1].split("Letters")[0]
     assert all(re.search(rf"^  {name}\s", paths, re.M) for name in
-               ("CUT", "FastCUT", "NEGCUT", "FastNEGCUT", "DCLGAN", "SimDCL", "CycleGAN"))
-    assert all(f"  F{i} " in dcl.__doc__ for i in range(1, 21))
+               ("CUT", "FastCUT", "NEGCUT", "FastNEGCUT", "DCLGAN", "SimDCL", "Hneg-SRC",
+                "QS-Attn", "CycleGAN"))
+    assert all(f"  F{i} " in dcl.__doc__ for i in range(1, 23))
 
 
 # -----------------------------------------------------------------------------
@@ -1845,7 +1847,7 @@ def test_negcut_ema_update():
 
 
 def test_negcut_presets_and_optimizers():
-    """§10, §13 (the official NEGCUT defaults; F16): NEGCUT = CUT's settings (λ_NCE 1, identity NCE,
+    """§11, §14 (the official NEGCUT defaults; F16): NEGCUT = CUT's settings (λ_NCE 1, identity NCE,
     no flip, 200 + 200 epochs) with λ_MS 1; FastNEGCUT = FastCUT's (λ_NCE 10, flip,
     no identity, 150 + 50) with λ_MS 1; both lsgan, taps 0,4,8,12,16, S 256, τ 0.07,
     no pool. N's Adam runs at --lr and --beta1: (2e-4, (0.5, 0.999)), like G, D, H."""
@@ -1867,7 +1869,7 @@ def test_negcut_presets_and_optimizers():
 
 
 def test_resume_negcut(data, tmp_path, capsys):
-    """§15: NEGCUT, 4 steps in one run equal 2 steps, then --continue_train to 4:
+    """§16: NEGCUT, 4 steps in one run equal 2 steps, then --continue_train to 4:
     identical log rows 3-4 (N included) and identical weights of every net, N and
     H_ema included (the noise z comes from the restored torch RNG). In-process, as
     for CycleGAN."""
@@ -1908,7 +1910,7 @@ def test_negcut_without_nce(data, tmp_path, capsys):
 
 
 # -----------------------------------------------------------------------------
-# perceptual loss (§9)
+# perceptual loss (§10)
 # -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -1949,7 +1951,7 @@ def perceptual_by_hand(features, a, b, weights):
 
 
 def test_perceptual_loss_with_random_weights(fast_vgg, random_vgg16):
-    """§9: Perceptual("random") keeps torchvision's VGG16 features[:23]
+    """§10: Perceptual("random") keeps torchvision's VGG16 features[:23]
     (the same layer types and shapes, 7,635,264 parameters: the 14,714,688 of
     `features` minus three 512→512 convs of 2,359,808 after relu4_3), with ReLUs at
     relu1_2 = 3, relu2_2 = 8, relu3_3 = 15, relu4_3 = 22 and weights 1/16, 1/8, 1/4, 1.
@@ -1992,7 +1994,7 @@ def test_perceptual_loss_with_random_weights(fast_vgg, random_vgg16):
 
 
 def test_perceptual_loads_torchvision_weights(fast_vgg, random_vgg16, tmp_path, monkeypatch):
-    """§9: a state dict in torchvision's format (features.N and classifier.N keys, saved
+    """§10: a state dict in torchvision's format (features.N and classifier.N keys, saved
     as vgg16-397923af.pth; the classifier is shrunk here to keep the file small, its
     keys are dropped anyway) and a features-only one ("0.weight", ...) both load: the
     kept convs equal the saved tensors, and the convs after relu4_3 in the file are
@@ -2029,7 +2031,7 @@ def test_perceptual_loads_torchvision_weights(fast_vgg, random_vgg16, tmp_path, 
 def test_missing_vgg_weights_fail_before_training(
     given, fast_vgg, data, tmp_path, capsys, monkeypatch
 ):
-    """§9, §13: `train --lambda_perc 1` without the weights file (none in an empty
+    """§10, §14: `train --lambda_perc 1` without the weights file (none in an empty
     TORCH_HOME's cache, or a --vgg_weights path that does not exist) exits 2 with one
     error line naming vgg16-397923af.pth, the path looked at and --vgg_weights, before
     any step: no run folder is made."""
@@ -2058,7 +2060,7 @@ def test_missing_vgg_weights_fail_before_training(
 
 @pytest.mark.parametrize("mode", ["cut", "dcl", "cyclegan"])
 def test_train_with_perceptual_loss(mode, fast_vgg, data, tmp_path, capsys):
-    """§9, §14: `train --lambda_perc 1 --lambda_perc_content 0.5 --vgg_weights random
+    """§10, §15: `train --lambda_perc 1 --lambda_perc_content 0.5 --vgg_weights random
     --max_steps 2` exits 0 with a finite, positive perc in every log row; VGG is
     neither in the checkpoint's nets nor an optimiser family of its own."""
     code, _, err = train_in_process(
@@ -2094,7 +2096,7 @@ def test_train_with_perceptual_loss(mode, fast_vgg, data, tmp_path, capsys):
 
 @pytest.mark.parametrize("mode", ["cut", "dcl", "cyclegan"])
 def test_perceptual_step_leaves_vgg_frozen(mode, fast_vgg):
-    """§9: with the perceptual terms on, VGG is in no optimiser, has no gradient when
+    """§10: with the perceptual terms on, VGG is in no optimiser, has no gradient when
     Adam steps G, stays in eval mode, and its parameters are unchanged by the step,
     while the step's perc term is positive."""
     cfg = tiny_cfg(mode=mode, lambda_perc=1.0, lambda_perc_content=0.5, vgg_weights="random")
@@ -2125,7 +2127,7 @@ class RecordingVGG(torch.nn.Module):
 
 
 def test_perceptual_terms_known_answer():
-    """§9: perceptual_terms = λ_perc·Σ_sets mean_pairs L_perc + λ_content·mean_pairs L_content.
+    """§10: perceptual_terms = λ_perc·Σ_sets mean_pairs L_perc + λ_content·mean_pairs L_content.
     With constant images 0, 0.2, 0.5, 0.9, the stub's L_perc is |difference| and
     L_content 10·|difference|: sets [[(0, 0.2), (0.5, 0.9)], [(0, 0.9)], []] and
     content pairs [(0, 0.5), (0.2, 0.9)] at λ_perc 2, λ_content 0.5 give
@@ -2145,7 +2147,7 @@ def test_perceptual_terms_known_answer():
 
 @pytest.mark.parametrize("mode", ["cut", "dcl", "cyclegan"])
 def test_perceptual_pairs_of_each_step(mode):
-    """§9: where the perceptual terms apply, and with which weight
+    """§10: where the perceptual terms apply, and with which weight
     (λ_perc 2, λ_content 0.5; two-sided modes average the directions with 0.5):
       CUT       2·L(idt_b, real_b) + 0.5·C(fake_b, real_a)
       DCLGAN    2·½[L(idt_b, real_b) + L(idt_a, real_a)]
@@ -2189,7 +2191,7 @@ def test_perceptual_pairs_of_each_step(mode):
 
 @pytest.mark.parametrize("mode, extra", [("fastcut", []), ("dcl", ["--lambda_IDT", 0])])
 def test_perceptual_loss_without_target_images(mode, extra, fast_vgg, data, tmp_path, capsys):
-    """§9, §11 (the perceptual term applies only where a target image
+    """§10, §12 (the perceptual term applies only where a target image
     exists): FastCUT has no identity image, nor has DCLGAN with --lambda_IDT 0, so
     --lambda_perc alone has no pair to apply to. Training must not crash: either it
     runs (exit 0, perc 0 in the log) or it refuses in one line naming --lambda_perc
@@ -2340,7 +2342,7 @@ def test_hard_negative_weights_are_detached():
 
 @pytest.mark.parametrize("mode", ["cut", "dcl"])
 def test_train_with_hard_negatives(mode, runs, data, tmp_path, capsys):
-    """§4, §14: `train --nce_hard_beta 1 --max_steps 2` runs (exit 0, finite losses, β
+    """§4, §15: `train --nce_hard_beta 1 --max_steps 2` runs (exit 0, finite losses, β
     stored in the config). For CUT, step 1 starts from the same nets, data and patch
     ids as the runs fixture's plain run (equal D_real), and its NCE terms are at
     least the plain ones: with w_j increasing in s_j and mean 1, Σ_j w_j·e^(s_j/τ) ≥
@@ -2372,7 +2374,7 @@ def test_train_with_hard_negatives(mode, runs, data, tmp_path, capsys):
 
 
 # -----------------------------------------------------------------------------
-# hardening: signals, kill -9, NaN, bad input, checkpoints (§14-§16, §19)
+# hardening: signals, kill -9, NaN, bad input, checkpoints (§15-§17, §20)
 # -----------------------------------------------------------------------------
 
 def start_training(root: Path, name: str, data: Path, *extra):
@@ -2422,7 +2424,7 @@ def log_rows(run_dir: Path) -> int:
 
 
 def test_sigint_and_sigterm_save_and_resume(data, tmp_path, capsys):
-    """§14: Ctrl-C or SIGTERM finishes the current step, saves and exits with 128 +
+    """§15: Ctrl-C or SIGTERM finishes the current step, saves and exits with 128 +
     signal (130, 143), printing "stopped by signal N at step K" and a resume command
     with --continue_train; ckpt_latest.pt then loads with weights_only=True and
     holds step K, the last logged step. Running the printed command (in-process,
@@ -2465,7 +2467,7 @@ def test_sigint_and_sigterm_save_and_resume(data, tmp_path, capsys):
 
 
 def test_resume_without_dataroot_names_the_stored_data(runs, tmp_path, capsys):
-    """§14: continuing a run without --dataroot (as the printed resume command does)
+    """§15: continuing a run without --dataroot (as the printed resume command does)
     trains on the stored dataroot: the data line counts its 4 A and 3 B images (the
     bundled set has 300 and 260), and nothing printed claims the bundled set or
     demo settings."""
@@ -2478,7 +2480,7 @@ def test_resume_without_dataroot_names_the_stored_data(runs, tmp_path, capsys):
 
 
 def test_kill_9_during_checkpoint_writes(data, tmp_path, capsys):
-    """§15 (atomic_save: write ckpt_latest.pt.tmp, fsync, rename): with
+    """§16 (atomic_save: write ckpt_latest.pt.tmp, fsync, rename): with
     --save_latest_freq 1 a checkpoint is written after every step. Three runs are
     killed with SIGKILL at different moments once their first checkpoint exists:
     the instant a write is seen in progress (a ckpt_latest.pt.tmp exists, or
@@ -2532,7 +2534,7 @@ def test_kill_9_during_checkpoint_writes(data, tmp_path, capsys):
 
 @pytest.mark.parametrize("nan_step", [3, 2])
 def test_nan_loss_stops_before_any_checkpoint_of_it(nan_step, data, tmp_path, capsys, monkeypatch):
-    """§14 (report checks the losses before every checkpoint write): gan_loss is made
+    """§15 (report checks the losses before every checkpoint write): gan_loss is made
     to return NaN from step nan_step on (a CUT step calls it 3 times: D real, D fake,
     G). With --print_freq 100 and --save_latest_freq 2 the losses are read only at
     the checkpoint steps 2 and 4. NaN at step 3: the step-2 checkpoint is written,
@@ -2580,7 +2582,7 @@ def test_nan_loss_stops_before_any_checkpoint_of_it(nan_step, data, tmp_path, ca
 
 @pytest.mark.parametrize("mode", list(dcl.MODES))
 def test_checkpoint_contents_load_weights_only(mode, runs):
-    """§15: every mode's ckpt_latest.pt loads with torch.load(weights_only=True) (tensors
+    """§16: every mode's ckpt_latest.pt loads with torch.load(weights_only=True) (tensors
     and plain values only) and holds exactly format, version, mode, config, nets,
     optimizers, step, epoch, epoch_step, world (processes) and rng: after
     `--max_steps 2` on 4 items, step 2 of epoch 1; nets are the mode's networks,
@@ -2670,7 +2672,7 @@ def file_tree(root: Path) -> dict:
                                   "translate_on_cuda", "train_on_cuda", "layers_not_ascending",
                                   "unknown_gan_mode", "ngf_changed_on_resume"])
 def test_more_bad_input_changes_no_file(case, tmp_path, data, runs, capsys):
-    """§14-§16, §19: a checkpoint cut in half, a checkpoint of version 99, a translate
+    """§15-§17, §20: a checkpoint cut in half, a checkpoint of version 99, a translate
     --output that is an existing file, --device cuda on a machine without CUDA (train
     and translate), --nce_layers 4,2, --gan_mode foo, and --ngf 16 when continuing a
     run trained with ngf 8: each exits 2 with one line "error: ..." naming the file
@@ -2687,7 +2689,7 @@ def test_more_bad_input_changes_no_file(case, tmp_path, data, runs, capsys):
 
 
 def test_translate_max_side(runs, tmp_path, capsys):
-    """§16: --max_side 40 shrinks a 57x31 image to 40x22 (31·40/57 = 21.75, rounded;
+    """§17: --max_side 40 shrinks a 57x31 image to 40x22 (31·40/57 = 21.75, rounded;
     the aspect ratio 1.84 kept within a pixel) and leaves a 20x12 image, already
     smaller, at its own size."""
     write_image(tmp_path / "in" / "wide.png", (57, 31), seed=1)
@@ -2705,7 +2707,7 @@ def test_translate_max_side(runs, tmp_path, capsys):
 
 
 def test_translate_out_of_memory_names_max_side(runs, data, tmp_path, capsys, monkeypatch):
-    """§16: an out-of-memory error inside G (torch.OutOfMemoryError, raised here by a
+    """§17: an out-of-memory error inside G (torch.OutOfMemoryError, raised here by a
     patched Generator.forward) exits 2 with one line naming the image and --max_side,
     and writes nothing."""
     def out_of_memory(self, x):
@@ -2729,7 +2731,7 @@ def test_translate_out_of_memory_names_max_side(runs, data, tmp_path, capsys, mo
 
 
 def test_printed_resume_command_survives_spaces(data, tmp_path, capsys):
-    """§14: the closing line's command can be pasted into a shell: for a run named
+    """§15: the closing line's command can be pasted into a shell: for a run named
     "first try" under "my runs/", shlex.split of the printed command gives back the
     name and the checkpoints folder exactly."""
     code, out, err = train_in_process(
@@ -2825,7 +2827,7 @@ def step_gradients(mode, batch, fast, autocast=True, instance_norm=None, monkeyp
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("mode", list(dcl.MODES))
 def test_step_gradients_equal_those_of_a_reference_instance_norm(mode, batch, fast, monkeypatch):
-    """§1, §5-§8 (F20): in every mode, at batch 1 and 2, with --fast off and on, one
+    """§1, §5-§9 (F20): in every mode, at batch 1 and 2, with --fast off and on, one
     step gives every trained network the gradient of the same step with every
     instance norm replaced by the written-out reference above.
     - fp32 arithmetic (--fast off; and --fast on's layout, channels_last weights
@@ -2854,7 +2856,7 @@ def test_step_gradients_equal_those_of_a_reference_instance_norm(mode, batch, fa
 
 
 # -----------------------------------------------------------------------------
-# speed, bench and multi-process training (§2, §12-§14, §17, §18)
+# speed, bench and multi-process training (§2, §13-§15, §18, §19)
 # -----------------------------------------------------------------------------
 
 def torchrun(*args, cwd=REPO, timeout=180):
@@ -2867,7 +2869,7 @@ def torchrun(*args, cwd=REPO, timeout=180):
 
 @pytest.mark.parametrize("mode", ["cut", "negcut", "simdcl", "cyclegan"])
 def test_fast_path_matches_the_exact_step(mode):
-    """§13 (F18): one step with --fast on (bf16 autocast around the step, channels_last
+    """§14 (F18): one step with --fast on (bf16 autocast around the step, channels_last
     inputs, fused Adam), called as train() and bench() call it, gives every loss of
     the --fast off step from the same weights, images and RNG state within 2e-2
     relative: fp32 losses (bf16 rounding only: the fast step differs somewhere, so
@@ -2901,7 +2903,7 @@ def test_fast_path_matches_the_exact_step(mode):
 
 
 def test_fast_path_auto_on_and_off():
-    """§13: --fast auto is on for a CUDA device only (read off the device type, so
+    """§14: --fast auto is on for a CUDA device only (read off the device type, so
     no GPU is needed to ask), on and off override it on either device."""
     devices = ("cpu", "cuda", torch.device("cuda", 0))
     table = {
@@ -3019,7 +3021,7 @@ def reference_epoch_keys(n_items, seed, epoch, batch_size):
 
 
 def test_epoch_sampler_shards_one_permutation():
-    """§12 (F19): with 2 processes and batch 2 on 11 items (2 whole batches each),
+    """§13 (F19): with 2 processes and batch 2 on 11 items (2 whole batches each),
     process r gets positions r, r + 2, ... of the world-1 permutation, item seeds
     included: the two are disjoint, equally long and together the first 8 keys of
     world 1; world 1 (the default) is unchanged from the single-process sampler;
@@ -3113,7 +3115,7 @@ def ranks(script, *args, cwd):
 
 
 def test_average_gradients_keeps_the_processes_identical(tmp_path):
-    """§18 (F19): in two processes started as torchrun starts them, setup_distributed
+    """§19 (F19): in two processes started as torchrun starts them, setup_distributed
     joins a gloo group on the CPU; nets built from one seed start identical; with
     average_gradients as every optimiser's step pre-hook (as train() registers it),
     one cut_step and one dual_step on each process's own random images leave both
@@ -3139,7 +3141,7 @@ def test_average_gradients_keeps_the_processes_identical(tmp_path):
 
 
 def test_torchrun_train_writes_once_and_resumes_in_one_process(data, tmp_path, capsys):
-    """§18 (F19): `torchrun --nproc_per_node 2 dcl.py train --mode cut --max_steps 2`
+    """§19 (F19): `torchrun --nproc_per_node 2 dcl.py train --mode cut --max_steps 2`
     on 4 items runs 2 steps per epoch of batch 1 per process × 2 processes, exit 0;
     only rank 0 prints and writes: one data, schedule and closing line, one progress
     line per step, one env.txt entry, log rows for steps 1 and 2 once each, and the
@@ -3188,7 +3190,7 @@ BENCH_KEYS = {
 
 
 def test_bench_prints_one_json_line_per_mode(capsys, monkeypatch):
-    """§17: `bench` times the mode's real step (dcl.MODES[mode].step, counted here): the first
+    """§18: `bench` times the mode's real step (dcl.MODES[mode].step, counted here): the first
     call is the FLOP count, then --warmup, then --steps timed calls, and prints one
     JSON line per mode on stdout (the human line goes to stderr) with at least the
     keys mode, device, batch_size, crop_size, s_per_iter, images_per_s,
@@ -3228,7 +3230,7 @@ def test_bench_prints_one_json_line_per_mode(capsys, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", ["cut", "dcl"])
 def test_fast_step_never_synchronises_with_the_host(mode):
-    """§13: under --fast on CUDA (bf16 autocast, channels_last, fused Adam) a cut_step
+    """§14: under --fast on CUDA (bf16 autocast, channels_last, fused Adam) a cut_step
     and a dual_step at 64 px, after a warm-up step, run with
     torch.cuda.set_sync_debug_mode("error"), which raises on any host
     synchronisation (.item(), a host copy, nonzero, ...): patch ids, the loss terms
@@ -3252,7 +3254,7 @@ def test_fast_step_never_synchronises_with_the_host(mode):
 
 
 def test_resume_lays_adam_out_for_this_run():
-    """§15: a --fast run's Adam state (fused, channels_last moments, step on the
+    """§16: a --fast run's Adam state (fused, channels_last moments, step on the
     device) loads into an exact-path run as plain Adam: fused off, moments in
     the parameters' contiguous layout with the same values, step a CPU float32;
     the next update then equals a fresh non-fused Adam given the same moments
