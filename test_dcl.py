@@ -2797,12 +2797,13 @@ def test_instance_norm_gradient_is_right_for_a_channels_last_gradient(monkeypatc
     assert g.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous()
 
 
-def step_gradients(mode, batch, fast, autocast=True, instance_norm=None, monkeypatch=None):
+def step_gradients(mode, batch, fast, autocast=True, instance_norm=None, monkeypatch=None,
+                   **overrides):
     """One step of `mode` from fixed weights, images and RNG state, run as train()
     runs it (--fast on: channels_last weights and inputs, fused Adam, bf16 autocast
     unless autocast=False), with lr 0 so that every loss of the step sees the same
     weights whatever the gradients; returns each trained network's gradient, flat."""
-    cfg = tiny_cfg(mode=mode, fast=fast, lr=0.0)
+    cfg = tiny_cfg(mode=mode, fast=fast, lr=0.0, **overrides)
     on = dcl.fast_path(cfg, "cpu")
     torch.manual_seed(0)
     nets = dcl.build_networks(cfg, "cpu")
@@ -2853,6 +2854,252 @@ def test_step_gradients_equal_those_of_a_reference_instance_norm(mode, batch, fa
                 assert error <= 2e-3, (name, error)
             else:
                 assert cosine >= 0.7 and error <= 0.7, (name, cosine, error)
+
+
+# -----------------------------------------------------------------------------
+# PatchNCE's successors: Hneg-SRC and QS-Attn (§8)
+# -----------------------------------------------------------------------------
+
+def slow_hdce(q, k, n, tau, gamma):
+    """Hneg-SRC's loss one query at a time, in float64, written from the official
+    code (models/hDCE.py, models/SRC.py): for image b and query i, with
+    z = unit(k), c_j = z_i·z_j (c_i = −10), the weights
+    ω_j = softmax_j(c_j/γ) / max_j softmax_j(c_j/γ); t_j = ω_j·q_i·k_j (t_i = −10);
+    ℓ_i = −s_ii/τ + log Σ_j exp(t_j/τ), and the logged value
+    CE_i = −log(e^(s_ii/τ) / (e^(s_ii/τ) + Σ_j e^(t_j/τ)))."""
+    q, k = q.double(), k.double()
+    S, decoupled, logged, minus_ten = q.shape[0] // n, [], [], torch.tensor(-10.0).double()
+    for b in range(n):
+        rows = range(b * S, (b + 1) * S)
+        z = [k[j] / (k[j].norm() + 1e-7) for j in rows]
+        for i, row in enumerate(rows):
+            c = torch.stack([minus_ten if j == i else z[i] @ z[j] for j in range(S)])
+            w = torch.softmax(c / gamma, 0)
+            w = w / w.max()
+            t = torch.stack([minus_ten if j == i else w[j] * (q[row] @ k[col])
+                             for j, col in enumerate(rows)])
+            pos = q[row] @ k[row]
+            decoupled.append(-pos / tau + torch.logsumexp(t / tau, 0))
+            logged.append(-torch.log_softmax(torch.cat([pos[None], t]) / tau, 0)[0])
+    return torch.stack(decoupled), torch.stack(logged)
+
+
+def test_hdce_equals_a_loop_over_queries():
+    """§8: hdce_loss's value equals the loop's logged cross-entropy (weighted
+    negatives, as the official code logs it), and its gradient with respect to
+    the queries equals the gradient of the loop's decoupled ℓ_i (the positive not
+    in the sum), to 1e-5 relative (values: plus 2e-7 absolute, the fp32 rounding
+    of log(1 + x) for the rows near 5e-4); the value is not ℓ_i itself; the keys
+    get no gradient. 2 images × 6 patches, τ = 0.07, γ = 0.5."""
+    torch.manual_seed(0)
+    q0, k0 = unit_rows(torch.randn(12, 8)), unit_rows(torch.randn(12, 8))
+    q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+    loss = dcl.hdce_loss(q, k, 2, 0.07, 0.5)
+    loss.sum().backward()
+    q_ref = q0.double().requires_grad_()
+    decoupled, logged = slow_hdce(q_ref, k0, 2, 0.07, 0.5)
+    decoupled.sum().backward()
+    assert loss.shape == (12,) and torch.allclose(loss.double(), logged, rtol=1e-5, atol=2e-7)
+    assert torch.allclose(q.grad.double(), q_ref.grad, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(loss.double(), decoupled, rtol=1e-2)
+    assert k.grad is None or not k.grad.any()
+
+
+def test_hdce_known_answers():
+    """§8, by hand. q = k = three orthonormal vectors (one image): every z_i·z_j
+    and q_i·k_j is 0 off the diagonal, so the off-diagonal weights are equal and
+    each is its row's maximum: ω = 1. Then ℓ_i = −1/τ + log(2 + e^(−10/τ)), and the
+    logged value is PatchNCE's known answer log(1 + (2 + e^(−10/τ))·e^(−1/τ)):
+    at τ = 1, ℓ_i = −0.306830 (its gradient is what hdce_loss returns; checked
+    through the returned value's grad: d/dq_i of ℓ_i) and the value 0.551454.
+    As γ → ∞ every weight tends to 1, so the logged value tends to PatchNCE's:
+    at γ = 1e6 on random unit vectors they agree to 1e-5."""
+    q = torch.eye(3)
+    tau = 1.0
+    value = dcl.hdce_loss(q, q.clone(), 1, tau, 0.3)
+    expected = math.log1p((2 + math.exp(-10 / tau)) * math.exp(-1 / tau))
+    assert value.tolist() == pytest.approx([expected] * 3, rel=1e-5) and expected == \
+        pytest.approx(0.551454, abs=1e-6)
+    decoupled, _ = slow_hdce(q, q.clone(), 1, tau, 0.3)
+    assert decoupled.tolist() == pytest.approx([-1 + math.log(2 + math.exp(-10))] * 3, rel=1e-9)
+    assert -1 + math.log(2 + math.exp(-10)) == pytest.approx(-0.306830, abs=1e-6)
+    torch.manual_seed(0)
+    a, b = unit_rows(torch.randn(10, 8)), unit_rows(torch.randn(10, 8))
+    assert torch.allclose(dcl.hdce_loss(a, b, 2, 0.07, 1e6), dcl.patch_nce_loss(a, b, 2, 0.07),
+                          rtol=1e-5)
+
+
+def slow_relation(q, k, n):
+    """L_SRC written out per image and per row in float64: P_k(i) = e^(z_k·z_i) /
+    Σ_j e^(z_k·z_j) over the unit keys z, Q_k likewise over the unit queries w,
+    JSD(Q_k ‖ P_k) = ½·Σ_i [Q_k(i)·log(Q_k(i)/M(i)) + P_k(i)·log(P_k(i)/M(i))] with
+    M = ½(P_k + Q_k), summed over k and the images."""
+    q, k = q.double(), k.double()
+    S, total = q.shape[0] // n, 0.0
+    for b in range(n):
+        z = [k[j] / (k[j].norm() + 1e-7) for j in range(b * S, (b + 1) * S)]
+        w = [q[j] / (q[j].norm() + 1e-7) for j in range(b * S, (b + 1) * S)]
+        for row in range(S):
+            P = torch.softmax(torch.stack([z[row] @ zi for zi in z]), 0)
+            Q = torch.softmax(torch.stack([w[row] @ wi for wi in w]), 0)
+            M = 0.5 * (P + Q)
+            total = total + 0.5 * ((Q * (Q / M).log()).sum() + (P * (P / M).log()).sum())
+    return total
+
+
+def test_relation_loss_equals_a_loop_and_a_known_answer():
+    """§8: relation_loss equals the row-by-row JSD of slow_relation (2 images × 6
+    patches) to 1e-5; it is 0 when the output's patches relate as the input's do
+    (q = k); its gradient reaches the queries, not the keys (z detached). By hand:
+    keys = 3 orthonormal vectors, so P_k = (e, 1, 1)/(e + 2) in some order, and
+    three identical queries, so Q_k = (1, 1, 1)/3: with a = e/(e + 2), c =
+    1/(e + 2), m_1 = (a + 1/3)/2, m_2 = (c + 1/3)/2, each row's JSD is
+    ½·[⅓·log(⅓/m_1) + a·log(a/m_1) + 2·(⅓·log(⅓/m_2) + c·log(c/m_2))] and L_SRC is 3 of
+    them: 0.090083 (a = 0.5761, c = 0.2119, one row 0.030028)."""
+    torch.manual_seed(0)
+    q0, k0 = unit_rows(torch.randn(12, 8)), unit_rows(torch.randn(12, 8))
+    q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+    loss = dcl.relation_loss(q, k, 2)
+    assert loss.item() == pytest.approx(slow_relation(q0, k0, 2).item(), rel=1e-5)
+    loss.backward()
+    assert q.grad.any() and (k.grad is None or not k.grad.any())
+    assert dcl.relation_loss(k0, k0.clone(), 2).item() == pytest.approx(0.0, abs=1e-6)
+    a, c = math.e / (math.e + 2), 1 / (math.e + 2)
+    m1, m2 = (a + 1 / 3) / 2, (c + 1 / 3) / 2
+    row = 0.5 * (1 / 3 * math.log(1 / 3 / m1) + a * math.log(a / m1)
+                 + 2 * (1 / 3 * math.log(1 / 3 / m2) + c * math.log(c / m2)))
+    same = torch.tensor([[1.0, 0.0, 0.0]]).repeat(3, 1)
+    assert dcl.relation_loss(same, torch.eye(3), 1).item() == pytest.approx(3 * row, rel=1e-5)
+    assert 3 * row == pytest.approx(0.090083, abs=1e-6)
+
+
+def slow_query_selection(flat, S):
+    """QS-Attn's selection one row at a time: for image b, row i of
+    A = softmax_row(F·Fᵀ) (F = the positions' C-vectors), its entropy
+    H_i = −Σ_j A_ij·log A_ij, and the S rows of lowest entropy, in that order."""
+    out = []
+    for f in flat.double().transpose(1, 2):                   # (h·w)×C per image
+        rows = [torch.softmax(torch.stack([f[i] @ f[j] for j in range(len(f))]), 0)
+                for i in range(len(f))]
+        entropy = [-(r * r.log()).sum().item() for r in rows]
+        order = sorted(range(len(f)), key=lambda i: entropy[i])[:S]
+        out.append(torch.stack([rows[i] for i in order]))
+    return torch.stack(out)
+
+
+def test_query_selection_equals_a_loop_and_picks_the_distinctive_position():
+    """§8: query_selected_rows equals the row-by-row loop (2 images, 8 channels,
+    3×4 positions, S = 5) to 1e-5; its rows sum to 1. By hand: positions
+    f_0 = (5, 0) and f_1 = f_2 = f_3 = (0, 1): row 0 has scores (25, 0, 0, 0),
+    almost one-hot (entropy ~1e-9), rows 1-3 have (0, 1, 1, 1), entropy
+    log(1 + 3e) − 3e/(1 + 3e) ≈ 1.34, so S = 1 selects row 0 and the sample
+    v = A_QS·F is f_0. Through ProjectionHead(select="qsattn") only the deepest
+    taps (the smallest maps) are selected this way; the others get random ids."""
+    torch.manual_seed(0)
+    flat = torch.randn(2, 8, 12)
+    got = dcl.query_selected_rows(flat, 5)
+    assert got.shape == (2, 5, 12)
+    assert torch.allclose(got.double(), slow_query_selection(flat, 5), atol=1e-5)
+    assert torch.allclose(got.sum(2), torch.ones(2, 5), atol=1e-5)
+    hand = torch.tensor([[5.0, 0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 1.0]])[None]  # 1×C×4
+    rows = dcl.query_selected_rows(hand, 1)
+    assert rows[0, 0].argmax() == 0 and rows[0, 0, 0] > 0.999999
+    assert torch.allclose(torch.bmm(hand, rows.transpose(1, 2))[0, :, 0], hand[0, :, 0], atol=1e-5)
+    H = dcl.ProjectionHead([4, 4, 4], 6)
+    feats = [torch.randn(1, 4, 8, 8), torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4)]
+    _, plans = H(feats, 5, select="qsattn")
+    assert not plans[0].is_floating_point() and plans[1].shape == plans[2].shape == (1, 5, 16)
+
+
+def test_query_selection_reaches_the_source_encoder():
+    """§8 (F22): the attention rows are not detached (official), so with
+    --patch_select qsattn the queries' loss reaches the encoder of the source
+    image through them: with a separate key encoder G_key (a copy of G),
+    NCE(real_a → fake_b) gives G_key's first conv a gradient; with random ids it
+    gives none (the keys are detached)."""
+    torch.manual_seed(0)
+    grads = {}
+    for select in ("random", "qsattn"):
+        cfg = tiny_cfg(patch_select=select)
+        nets = dcl.build_networks(cfg, "cpu")
+        G_key = copy.deepcopy(nets["G"])
+        real_a, fake_b = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
+        dcl.nce_between(real_a, fake_b, G_key, nets["H"], cfg, G_query=nets["G"]).loss.backward()
+        grads[select] = G_key.model[1].weight.grad
+    assert grads["random"] is None and grads["qsattn"] is not None and grads["qsattn"].any()
+
+
+def test_hnegsrc_preset_schedule_and_step():
+    """§8, §11: --mode hnegsrc is the official README's horse2zebra recipe: CUT with
+    the identity term, nce_loss hdce, λ_HDCE 0.1 (our lambda_NCE; --lambda_HDCE is
+    its alias), λ_SRC 0.05, the curriculum γ 50 → 10, 200 + 200 epochs. γ by hand:
+    50 + (10 − 50)·e/400 gives 49.9 at epoch 1 and 10 at epoch 400; with
+    --step_gamma_epoch 200 it is 1 from epoch 201; without the curriculum it stays
+    --HDCE_gamma. One step logs HDCE, HDCE_Y and SRC, and G = G_GAN + 0.5·(HDCE +
+    HDCE_Y) + SRC (the hDCE values are the logged cross-entropies, whose
+    gradients are the decoupled losses'; their sum is what L_G adds up)."""
+    cfg = dcl.resolve_config({"mode": "hnegsrc", "dataroot": "x"})[0]
+    assert (cfg.nce_idt, cfg.nce_loss, cfg.lambda_NCE, cfg.lambda_SRC, cfg.use_curriculum,
+            cfg.HDCE_gamma, cfg.HDCE_gamma_min, cfg.n_epochs, cfg.n_epochs_decay) == \
+        (True, "hdce", 0.1, 0.05, True, 50.0, 10.0, 200, 200)
+    assert dcl.hdce_gamma(cfg, 1) == pytest.approx(49.9) and dcl.hdce_gamma(cfg, 400) == 10.0
+    stepped = dataclasses.replace(cfg, step_gamma_epoch=200)
+    assert dcl.hdce_gamma(stepped, 200) == pytest.approx(30.0) and dcl.hdce_gamma(stepped, 201) == 1
+    assert dcl.hdce_gamma(dataclasses.replace(cfg, use_curriculum=False), 300) == 50.0
+    flags = {"mode": "cut", "dataroot": "x"}
+    assert dcl.resolve_config({**flags, "lambda_NCE": 0.3})[0].lambda_NCE == 0.3
+    torch.manual_seed(0)
+    tiny = tiny_cfg(mode="hnegsrc")
+    nets = dcl.build_networks(tiny, "cpu")
+    losses = dcl.cut_step(nets, dcl.build_optimizers(nets, tiny), torch.rand(1, 3, 32, 32) * 2 - 1,
+                          torch.rand(1, 3, 32, 32) * 2 - 1, tiny, epoch=3)
+    assert set(losses) == LOSS_NAMES["hnegsrc"] and losses["SRC"] > 0
+    total = losses["G_GAN"] + 0.5 * (losses["HDCE"] + losses["HDCE_Y"]) + losses["SRC"]
+    assert losses["G"].item() == pytest.approx(total.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("mode, extra, names", [
+    ("cut", ["--patch_select", "qsattn"], {"NCE", "NCE_Y"}),
+    ("dcl", ["--nce_loss", "hdce", "--lambda_SRC", 0.05], {"NCE1", "NCE2", "SRC"}),
+    ("simdcl", ["--patch_select", "qsattn", "--lambda_SRC", 0.1], {"Sim", "SRC"}),
+    ("negcut", ["--lambda_SRC", 0.1, "--patch_select", "qsattn"], {"N", "SRC"})])
+def test_train_with_the_successors_switches(mode, extra, names, data, tmp_path, capsys):
+    """§8, §15: each switch trains 2 steps in a mode it applies to (exit 0, finite
+    losses, the SRC term logged where it is on) and translates: a PNG per input."""
+    code, _, err = train_in_process(capsys, "--mode", mode, "--dataroot", data, *TINY, *extra,
+                                    "--max_steps", 2, "--display_freq", 100,
+                                    "--checkpoints_dir", tmp_path, "--name", "r")
+    assert code == 0, err
+    rows = read_log(tmp_path / "r")
+    assert len(rows) == 2 and all(names <= set(r) for r in rows)
+    assert all(math.isfinite(v) for r in rows for v in r.values())
+    translate_in_process(capsys, tmp_path / "r" / "ckpt_latest.pt", data / "testB", tmp_path / "o")
+    assert len(list((tmp_path / "o").glob("*.png"))) == 2
+
+
+@pytest.mark.parametrize("flags, needle", [
+    ({"mode": "cyclegan", "patch_select": "qsattn"}, "--patch_select qsattn"),
+    ({"mode": "cut", "lambda_NCE": 0.0, "lambda_SRC": 1.0}, "--lambda_SRC"),
+    ({"mode": "negcut", "nce_loss": "hdce"}, "--nce_loss hdce"),
+    ({"mode": "cut", "nce_loss": "hdce", "nce_hard_beta": 1.0}, "--nce_hard_beta")])
+def test_successors_refuse_modes_they_do_not_fit(flags, needle):
+    """§12: the switches are refused, in one line naming them, where there is no
+    contrastive loss to change (CycleGAN, λ_NCE 0), and hDCE where the negatives
+    are NEGCUT's or already weighted by --nce_hard_beta."""
+    with pytest.raises(dcl.UserError, match=re.escape(needle)):
+        dcl.resolve_config({"dataroot": "x", **flags})
+
+
+@pytest.mark.parametrize("mode", ["cut", "dcl"])
+def test_query_selection_gradients_equal_a_reference_instance_norm(mode, monkeypatch):
+    """§1, §8 (F20): with --patch_select qsattn (whose attention rows send their
+    own gradients into the taps) one step at batch 1 gives every trained network
+    the gradient of the same step with the written-out instance norm, to 2e-3."""
+    got = step_gradients(mode, 1, "off", False, None, monkeypatch, patch_select="qsattn")
+    want = step_gradients(mode, 1, "off", False, reference_instance_norm, monkeypatch,
+                          patch_select="qsattn")
+    for name in want:
+        assert ((got[name] - want[name]).norm() / want[name].norm()).item() <= 2e-3, name
 
 
 # -----------------------------------------------------------------------------
