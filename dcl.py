@@ -83,7 +83,9 @@ Glossary (code name | paper symbol | official name or flag)
     pool_a, pool_b     | image history buffer      | fake_A_pool, fake_B_pool (--pool_size)
     real_a, fake_b     | x, G(x)                   | real_A, fake_B
     idt_b = G(real_b)  | identity image G(y)       | idt_B (CUT), idt_A (DCLGAN, CycleGAN)
-    feat_q, feat_k     | queries z, keys z⁺ and z⁻ | feat_q, feat_k
+    feat_q, feat_k     | G_enc(G(x)), G_enc(x)     | feat_q, feat_k (the tapped maps)
+    queries, keys      | z; z⁺ and z⁻ (sampled)    | feat_q_pool, feat_k_pool (the loss
+                       |                           |   functions' feat_q, feat_k, as official)
     patch_ids          | sampled locations         | sample_ids (patch_ids)
     lambda_NCE         | λ_X (= λ_Y), λ_NCE        | --lambda_NCE
     lambda_IDT         | λ_idt                     | --lambda_IDT (CycleGAN --lambda_identity)
@@ -307,11 +309,10 @@ class InstanceNorm(nn.InstanceNorm2d):
     alone, so several images stacked in one batch give exactly the outputs they
     would give one by one; the steps rely on that to batch their passes (F9).
 
-    Its backward pass gets a contiguous gradient (F20). In torch 2.13 and 2.14
-    on the CPU, instance norm's backward is wrong at batch size 1 when the
-    incoming gradient has channels-last strides: a permuting patch sampler,
-    NEGCUT's mean embedding and every channels_last conv (--fast) send one. The
-    hook makes it contiguous first, which costs nothing when it already is."""
+    Its backward pass gets a contiguous gradient, which costs nothing when it
+    already is (F20: torch 2.13 and 2.14 compute instance norm's backward wrongly
+    on the CPU at batch size 1 for a channels-last gradient; §4 says where such
+    gradients come from)."""
 
     def __init__(self, channels: int):
         super().__init__(channels, affine=False, track_running_stats=False)
@@ -522,7 +523,7 @@ def gan_loss(prediction: torch.Tensor, target_is_real: bool, gan_mode: str) -> t
     Least squares instead of the original log loss: its gradient does not
     vanish for fakes that D already rejects with confidence, so G keeps
     learning. The generator asks for "real" on its fakes: L_G = lsgan_real(D(G(x))).
-    Deviation kept from the DCLGAN code: its hinge generator loss is therefore
+    Official quirk, kept (F11): DCLGAN's code uses hinge, and its generator loss is therefore
     mean(relu(1 − D(G(x)))), not the more common −mean(D(G(x))) (F11)."""
     if gan_mode == "lsgan":
         return ((prediction - 1) ** 2).mean() if target_is_real else (prediction ** 2).mean()
@@ -653,16 +654,18 @@ def patch_nce_loss(feat_q: torch.Tensor, feat_k: torch.Tensor, groups: int,
     DCLGAN computes cosine similarities; we take dot products of the
     eps-normalised vectors, equal from the second step on (F13).
 
-    hard_beta = β > 0 (an extension, --nce_hard_beta; Robinson et al., "Contrastive
+    hard_beta = β > 0 (an extension, F17, to skip on a first reading;
+    --nce_hard_beta; Robinson et al., "Contrastive
     Learning with Hard Negative Samples", ICLR 2021, arXiv 2010.04592, without
     their debiasing term): negatives that already look like the positive are
     the informative ones, so each is importance-weighted, with s_j = q_i·k_j:
-        w_j = exp(β·s_j) / ((1/N)·Σ_m exp(β·s_m))     (detached; mean_j w_j = 1)
+        w_j = exp(β·s_j) / ((1/M)·Σ_m exp(β·s_m))     (detached; mean_j w_j = 1)
         ℓ_i = −log( exp(s⁺/τ) / ( exp(s⁺/τ) + Σ_j w_j·exp(s_j/τ) ) )
-    i.e. log w_j is added to negative j's logit, over the N real negatives (the
+    i.e. log w_j is added to negative j's logit, over the M real negatives (the
     masked diagonal keeps its unweighted exp(−10/τ)). β = 0 is the official loss
-    bit for bit (the branch is skipped); β → ∞ puts all the weight N on the
-    hardest negative: ℓ → −log(e^(s⁺/τ) / (e^(s⁺/τ) + N·e^(s_max/τ))).
+    bit for bit (the branch is skipped); β → ∞ puts all the weight M on the
+    hardest negative: ℓ → −log(e^(s⁺/τ) / (e^(s⁺/τ) + M·e^(s_max/τ))) (M = S − 1,
+    or n·S − 1 with whole-batch negatives).
 
     negatives ((n·K)×E, NEGCUT, §7): each image's queries are compared with its
     own K generated negatives instead of the other keys, so l_neg = q·Nᵀ per
@@ -685,11 +688,11 @@ def patch_nce_loss(feat_q: torch.Tensor, feat_k: torch.Tensor, groups: int,
     l_neg = l_neg.flatten(0, 1)                               # (n·S)×P or (n·S)×K
     logits = torch.cat([l_pos, l_neg], dim=1) / tau           # class 0 is the positive
     if hard_beta and negatives is None:
-        # The weights enter as log w_j added to negative j's logit, over the N
-        # real negatives of each row: log w_j = β·s_j − log Σ_m exp(β·s_m) + log N.
+        # The weights enter as log w_j added to negative j's logit, over the M
+        # real negatives of each row: log w_j = β·s_j − log Σ_m exp(β·s_m) + log M.
         real = ~diagonal.expand(q.shape[0], -1, -1).flatten(0, 1)  # (n·S)×P, not the diagonal
         scores = (hard_beta * l_neg.detach()).masked_fill(~real, -math.inf)
-        n_real = real.sum(1, keepdim=True)                    # N in each row
+        n_real = real.sum(1, keepdim=True)                    # M in each row
         log_w = scores - torch.logsumexp(scores, 1, keepdim=True) + n_real.log()
         log_w = log_w.masked_fill(~real, 0.0)                 # the masked diagonal: unweighted
         logits = logits + F.pad(log_w, (1, 0))                # the positive's column: unweighted
@@ -700,19 +703,19 @@ def patch_nce_loss(feat_q: torch.Tensor, feat_k: torch.Tensor, groups: int,
 class PatchNCE(NamedTuple):
     """What nce_between computed: the loss and the pieces the other methods reuse."""
     loss: torch.Tensor              # λ_NCE · mean over layers of the mean over patches
-    keys: list                      # L × (n·S_l)×E: H_key's samples of the source, not detached
+    keys: list                      # L × (n·S_l)×E: H's samples of the source, not detached
     queries: list                   # L × (n·S_l)×E: H_query's samples of the output
     feat_q: list                    # L maps n×C_l×h_l×w_l: the output's features (flipped back)
     negatives: list | None          # NEGCUT: L × (n·K)×E generated negatives, else None
 
 
 def nce_between(source, output, G, H, cfg, *, G_query=None, H_query=None, feat_k=None,
-                flip_back: bool = False, negatives: Callable | None = None,
+                flip_back: bool = False, make_negatives: Callable | None = None,
                 negatives_only: bool = False, epoch: int = 1) -> PatchNCE:
     """ℓ_PatchNCE(source -> output): PatchNCE averaged over patches and layers, × λ_NCE.
-        NCE = (1/L)·Σ_l λ_NCE·mean_i ℓ_(l,i)                [CUT paper §3.2, Eq. 5]
-    source, output: n×3×h×w. The textbook computation is the first three lines;
-    the keyword-only switches serve the other methods:
+        NCE = (1/L)·Σ_l λ_NCE·mean_i ℓ_(l,i)          [CUT paper §3.2, Eq. 3, as a mean]
+    source, output: n×3×h×w. The textbook computation is the lines marked
+    k = and q = below, then the loss; the keyword-only switches serve the other methods:
       G_query, H_query: embed the output with other nets (DCLGAN embeds each
         image with the encoder and head of its own domain, §6); default G, H.
       feat_k: the source's tapped activations, if the step has them from its
@@ -722,7 +725,7 @@ def nce_between(source, output, G, H, cfg, *, G_query=None, H_query=None, feat_k
         source's, so the loss asks for G(flip(x)) = flip(G(x)). (After a
         stride-2 blur the flipped grid is offset by one pixel; so is the
         official code's.)
-      negatives (NEGCUT, §7): a function of the source's feature maps that
+      make_negatives (NEGCUT, §7): a function of the source's feature maps that
         returns L × (n·K)×E negatives, which replace the in-image ones.
       negatives_only (NEGCUT's N step): only the negatives carry gradient.
       epoch: the 1-based epoch, for hDCE's schedule of γ (§8).
@@ -737,8 +740,8 @@ def nce_between(source, output, G, H, cfg, *, G_query=None, H_query=None, feat_k
         feat_q = [f.flip(3) for f in feat_q] if flip_back else feat_q
         queries, _ = (H_query or H)(feat_q, S, patch_ids)                # the keys' locations
     negs = None
-    if negatives is not None:                                 # L × (n·K)×E
-        negs = negatives([f.detach() for f in feat_k] if negatives_only else feat_k)
+    if make_negatives is not None:                            # L × (n·K)×E
+        negs = make_negatives([f.detach() for f in feat_k] if negatives_only else feat_k)
     groups = 1 if cfg.nce_includes_all_negatives_from_minibatch else source.shape[0]  # F4
     with torch.autocast(source.device.type, enabled=False):  # logits in fp32 under --fast
         if cfg.nce_loss == "hdce":
@@ -757,7 +760,7 @@ def nce_between(source, output, G, H, cfg, *, G_query=None, H_query=None, feat_k
 # -----------------------------------------------------------------------------
 # CUT trains one generator G: A→B, the PatchGAN D on B images and the head H.
 #   L_CUT = λ_GAN·L_GAN(G, D, X, Y) + λ_X·ℓ_PatchNCE(G, H, X) + λ_Y·ℓ_PatchNCE(G, H, Y)
-#                                                              [CUT paper §3.2, Eq. 5]
+#                                                              [CUT paper §3.3, Eq. 5]
 # The adversarial term makes G(x) look like a B image. The first PatchNCE term
 # ties each patch of G(x) to the patch of x at its place, so the content stays.
 # The second, on y → G(y) for B images y, keeps G from changing what needs no
@@ -784,8 +787,8 @@ class CutForward(NamedTuple):
     """The forward pass of one CUT-lineage step."""
     x: torch.Tensor          # G's input, n (or 2n, with the identity input) × 3×h×w, maybe flipped
     fake_b: torch.Tensor     # G(real_a), or G(flip(real_a)) on a flipped step
-    idt_b: torch.Tensor      # G(real_b): 0 images without the identity term
-    keys_a: list | None      # G's tapped activations for real_a, the keys (§2); None if flipped
+    idt_b: torch.Tensor      # G(real_b), flipped like x; 0 images without the identity term
+    keys_a: list | None      # G's maps at the taps for real_a (§2); None on a flipped step
     keys_b: list | None      # the same for real_b
     flipped: bool            # FastCUT's coin came up
 
@@ -817,32 +820,32 @@ def cut_nce(nets, forward: CutForward, real_a, real_b, cfg, **switches) -> tuple
     if cfg.lambda_NCE == 0:
         return None, None
     G, H = nets["G"], nets["H"]
-    nce_x = nce_between(real_a, forward.fake_b, G, H, cfg, feat_k=forward.keys_a,
+    nce_main = nce_between(real_a, forward.fake_b, G, H, cfg, feat_k=forward.keys_a,
                         flip_back=forward.flipped, **switches)
     if forward.idt_b.shape[0] == 0:
-        return nce_x, None
-    nce_y = nce_between(real_b, forward.idt_b, G, H, cfg, feat_k=forward.keys_b,
+        return nce_main, None
+    nce_idt = nce_between(real_b, forward.idt_b, G, H, cfg, feat_k=forward.keys_b,
                         flip_back=forward.flipped, **switches)
-    return nce_x, nce_y
+    return nce_main, nce_idt
 
 
-def combined_nce(nce_x, nce_y, zero) -> torch.Tensor:
+def combined_nce(nce_main, nce_idt, zero) -> torch.Tensor:
     """0.5·(NCE + NCE_Y) with the identity term, NCE alone without it (official).
     The average keeps the NCE's share of L_G the same with or without the
-    identity term, so λ_NCE means the same in CUT and in FastCUT."""
-    if nce_x is None:
+    identity term: λ_NCE is the total NCE weight with or without it."""
+    if nce_main is None:
         return zero
-    return nce_x.loss if nce_y is None else 0.5 * (nce_x.loss + nce_y.loss)
+    return nce_main.loss if nce_idt is None else 0.5 * (nce_main.loss + nce_idt.loss)
 
 
 def cut_generator_step(nets, opts, forward: CutForward, real_a, real_b, cfg,
-                       negatives: Callable | None = None, epoch: int = 1) -> dict:
+                       make_negatives: Callable | None = None, epoch: int = 1) -> dict:
     """G's and H's step, D frozen (gradients pass through it to G):
         L_G = λ_GAN·lsgan(D(fake_b), real) + 0.5·(NCE + NCE_Y)     (identity term on)
         L_G = λ_GAN·lsgan(D(fake_b), real) + NCE                   (FastCUT)
     plus Hneg-SRC's relation term (§8) and the perceptual terms (§10) when
     switched on. One backward, then one Adam step each for G and H.
-    negatives: NEGCUT's, passed to nce_between. Logged as NCE and NCE_Y, or
+    make_negatives: NEGCUT's, passed to nce_between. Logged as NCE and NCE_Y, or
     as Hneg-SRC's HDCE and HDCE_Y under --nce_loss hdce."""
     D = nets["D"]
     opts["G"].zero_grad(set_to_none=True)
@@ -852,14 +855,15 @@ def cut_generator_step(nets, opts, forward: CutForward, real_a, real_b, cfg,
     loss_G_GAN = cfg.lambda_GAN * gan_loss(D(forward.fake_b), True, cfg.gan_mode) \
         if cfg.lambda_GAN > 0 else zero
     # λ_X·ℓ_PatchNCE(G, H, X) and λ_Y·ℓ_PatchNCE(G, H, Y): content kept, B images left alone.
-    nce_x, nce_y = cut_nce(nets, forward, real_a, real_b, cfg, negatives=negatives, epoch=epoch)
-    loss_G = loss_G_GAN + combined_nce(nce_x, nce_y, zero)
+    nce_main, nce_idt = cut_nce(nets, forward, real_a, real_b, cfg, make_negatives=make_negatives,
+                                epoch=epoch)
+    loss_G = loss_G_GAN + combined_nce(nce_main, nce_idt, zero)
     n = real_a.shape[0]
     # λ_SRC·L_SRC (Hneg-SRC, §8): the patches of fake_b keep real_a's relations.
-    loss_src = relation_term(nce_x, n, cfg) if cfg.lambda_SRC > 0 else None
+    loss_src = relation_term(nce_main, n, cfg) if cfg.lambda_SRC > 0 else None
     if loss_src is not None:
         loss_G = loss_G + loss_src
-    identity_pairs = [(forward.idt_b, real_b)] if nce_y is not None else []
+    identity_pairs = [(forward.idt_b, forward.x[n:])] if nce_idt is not None else []
     loss_perc = perceptual_terms(nets, cfg, [identity_pairs], [(forward.fake_b, forward.x[:n])])
     if loss_perc is not None:                                 # x: the input as G saw it
         loss_G = loss_G + loss_perc
@@ -867,9 +871,9 @@ def cut_generator_step(nets, opts, forward: CutForward, real_a, real_b, cfg,
     opts["G"].step()
     opts["H"].step()
     name = "HDCE" if cfg.nce_loss == "hdce" else "NCE"
-    losses = {"G_GAN": loss_G_GAN, name: zero if nce_x is None else nce_x.loss, "G": loss_G}
-    if nce_y is not None:
-        losses[name + "_Y"] = nce_y.loss
+    losses = {"G_GAN": loss_G_GAN, name: zero if nce_main is None else nce_main.loss, "G": loss_G}
+    if nce_idt is not None:
+        losses[name + "_Y"] = nce_idt.loss
     if loss_src is not None:
         losses["SRC"] = loss_src
     if loss_perc is not None:
@@ -912,8 +916,9 @@ def cut_step(nets: dict, opts: dict, real_a, real_b, cfg, epoch: int = 1) -> dic
 # "dual" setting): an image is embedded by the encoder and head of its own
 # domain, whichever generator made it. So NCE1 (A→B) takes the keys
 # H_a(G_ab.encode(real_a)) and the queries H_b(G_ba.encode(fake_b)); NCE2
-# mirrors it. The keys are detached, so H_a learns only from NCE2's queries and
-# H_b from NCE1's. The negatives come from the whole batch (F11; the same as
+# mirrors it. The keys are detached, so in DCLGAN H_a learns only from NCE2's
+# queries and H_b from NCE1's (SimDCL's L_sim also reaches them through the
+# keys, which it does not detach, F14). The negatives come from the whole batch (F11; the same as
 # CUT's at batch 1), and the adversarial loss is the hinge loss.
 #
 # SimDCL adds a similarity loss: a real and a generated image of the same domain
@@ -997,8 +1002,10 @@ def dual_step(nets: dict, opts: dict, real_a, real_b, cfg, epoch: int = 1) -> di
              + 0.5·(NCE1 + NCE2)                      (λ_NCE inside each)
              + 0.5·λ_IDT·(mean|idt_b − real_b| + mean|idt_a − real_a|)
              + λ_SIM·L_sim                              (SimDCL only)
-         This is half of the paper's Eq. 8 with λ_NCE = 2 (F11): the official
-         code's factors, so the logged values match official logs.
+         For DCLGAN this is half of the paper's Eq. 8 with λ_NCE = 2 (F11); for
+         SimDCL the NCE weight in effect is λ_NCE = 1 and L_sim is not halved
+         (F14): the official code's factors, so the logged values match official
+         logs. λ_IDT is an absolute weight here (in CycleGAN, a factor of λ_A, λ_B).
     Returns the losses under the official log names, in which A names the
     generator: D_A is the loss of our D_b (it judges G_ab's fakes), idt_A that of idt_b."""
     use_idt = cfg.lambda_IDT > 0
@@ -1020,7 +1027,7 @@ def dual_step(nets: dict, opts: dict, real_a, real_b, cfg, epoch: int = 1) -> di
     nce_ba = nce_between(real_b, out.fake_a, G_ba, H_b, cfg, G_query=G_ab, H_query=H_a,
                          feat_k=out.keys_b, epoch=epoch)
     # λ_SIM·L_sim (SimDCL): real and fake images of a domain should embed alike.
-    # The fakes' patches are sampled again with fresh ids (official, F14).
+    # The fakes' patches are sampled again with fresh random ids (official, F14).
     loss_sim = zero
     if cfg.lambda_SIM > 0:
         queries_b, _ = H_b(nce_ab.feat_q, cfg.num_patches)
@@ -1072,7 +1079,7 @@ def dual_step(nets: dict, opts: dict, real_a, real_b, cfg, epoch: int = 1) -> di
 # negatives. L_div stops N from collapsing onto one hard negative.
 # The pieces, in the order a step uses them:
 #   mean_embedding  each image summarised per layer by a momentum head H_ema,
-#                   a slowly moving average of H (an EMA, as in MoCo), so that
+#                   a moving average of H (an EMA at rate 0.1, like MoCo's), so that
 #                   N sees a stable description of the image;
 #   N               K negatives per image and layer from that summary and noise;
 #   patch_nce_loss  with `negatives` (§4): the queries against N's negatives;
@@ -1083,7 +1090,7 @@ def mean_embedding(H_ema: ProjectionHead, feats: list) -> list:
     """NEGCUT's summary of each image: every position (not a sample) through
     MLP_l of the momentum head, unit-normalised per position, then averaged
     over positions and not re-normalised. L maps n×C_l×h_l×w_l -> L tensors n×E.
-    (The official CUT code normalises this full-resolution path over the wrong
+    (The official CUT code normalises this every-position path over the wrong
     axis; NEGCUT's copy, followed here, normalises each E-vector.)"""
     out = []
     for index, feat in enumerate(feats):
@@ -1146,10 +1153,10 @@ def negative_step(nets: dict, opts: dict, forward: CutForward, real_a, real_b, c
     set_requires_grad(nets["N"], True)
     opts["N"].zero_grad(set_to_none=True)
     zero = real_a.new_zeros(())
-    nce_x, nce_y = cut_nce(nets, forward, real_a, real_b, cfg,
-                           negatives=generated_negatives(nets), negatives_only=True)
-    last = nce_y if nce_y is not None else nce_x
-    loss_N = -combined_nce(nce_x, nce_y, zero) + diversity_loss(
+    nce_main, nce_idt = cut_nce(nets, forward, real_a, real_b, cfg,
+                           make_negatives=generated_negatives(nets), negatives_only=True)
+    last = nce_idt if nce_idt is not None else nce_main
+    loss_N = -combined_nce(nce_main, nce_idt, zero) + diversity_loss(
         last.negatives, real_a.shape[0], cfg.lambda_MS_neg)
     loss_N.backward()
     opts["N"].step()
@@ -1178,7 +1185,7 @@ def negcut_step(nets: dict, opts: dict, real_a, real_b, cfg, epoch: int = 1) -> 
     if cfg.lambda_NCE > 0:                                   # 2b. (no NCE: nothing to play for)
         loss_N = negative_step(nets, opts, forward, real_a, real_b, cfg)
     losses = cut_generator_step(nets, opts, forward, real_a, real_b, cfg,  # 3.
-                                negatives=generated_negatives(nets))
+                                make_negatives=generated_negatives(nets))
     with torch.no_grad():                                                  # 4.
         torch._foreach_lerp_(list(nets["H_ema"].parameters()), list(nets["H"].parameters()), 0.1)
     losses = dict(D_real=loss_D_real, D_fake=loss_D_fake, **losses, N=loss_N)
@@ -1235,7 +1242,7 @@ def hdce_gamma(cfg, epoch: int) -> float:
 def hdce_loss(feat_q: torch.Tensor, feat_k: torch.Tensor, groups: int, tau: float,
               gamma: float) -> torch.Tensor:
     """Hneg-SRC's hard-negative decoupled contrastive loss for one layer [Hneg-SRC
-    paper §3.3; official code, models/hDCE.py and the weights of models/SRC.py].
+    paper, hard negative mining; official code, models/hDCE.py, weights in models/SRC.py].
     With s_ij = q_i·k_j (q_i the query, k_j the keys of its group, z = unit(k)):
         ω_ij = softmax_j(z_i·z_j/γ) / max_j softmax_j(z_i·z_j/γ)   (z_i·z_i set to −10 first)
         ℓ_i = −s_ii/τ + log Σ_j exp(ω_ij·s_ij/τ)        (s_ii·ω_ii replaced by −10)
@@ -1266,8 +1273,8 @@ def hdce_loss(feat_q: torch.Tensor, feat_k: torch.Tensor, groups: int, tau: floa
 
 
 def relation_loss(feat_q: torch.Tensor, feat_k: torch.Tensor, n_images: int) -> torch.Tensor:
-    """Hneg-SRC's semantic relation consistency for one layer [Hneg-SRC paper
-    §3.2; official code, models/SRC.py]. Per image, with z = unit(keys of x),
+    """Hneg-SRC's semantic relation consistency for one layer [Hneg-SRC paper,
+    L_SRC; official code, models/SRC.py]. Per image, with z = unit(keys of x),
     detached, and w = unit(queries of G(x)), S×E each:
         P_k = softmax_i(z_k·z_i),  Q_k = softmax_i(w_k·w_i)
         L_SRC = Σ_k JSD(Q_k ‖ P_k),  JSD(a‖b) = ½·[KL(a‖m) + KL(b‖m)],  m = ½·(a + b)
@@ -1293,7 +1300,7 @@ def relation_term(nce: PatchNCE, n_images: int, cfg) -> torch.Tensor:
 
 
 def query_selected_rows(flat: torch.Tensor, num_patches: int) -> torch.Tensor:
-    """QS-Attn's global query selection [QS-Attn paper §3.2; official code,
+    """QS-Attn's global query selection [QS-Attn paper, global attention; official code,
     models/networks_global.py PatchSampleF]. flat: the source's n×C×(h·w) map.
         A = softmax_row(F·Fᵀ),  F = flatᵀ (h·w)×C, per image   (no scaling, as official)
         H_i = −Σ_j A_ij·log A_ij,  keep the S rows of lowest entropy
@@ -1372,7 +1379,7 @@ def cyclegan_step(nets: dict, opts: dict, real_a, real_b, cfg, epoch: int = 1) -
          reconstructions rec_a = G_ba(fake_b), rec_b = G_ab(fake_a), and the
          identity images idt_b = G_ab(real_b), idt_a = G_ba(real_a).
       2. G step, D frozen:
-         L_G = lsgan(D_b(fake_b)) + lsgan(D_a(fake_a))
+         L_G = λ_GAN·[lsgan(D_b(fake_b)) + lsgan(D_a(fake_a))]          (λ_GAN 1)
              + λ_A·mean|rec_a − real_a| + λ_B·mean|rec_b − real_b|           (cycle)
              + λ_idt·λ_B·mean|idt_b − real_b| + λ_idt·λ_A·mean|idt_a − real_a| (identity)
          one backward through both generators, one Adam step for G_ab ∪ G_ba.
@@ -1390,13 +1397,13 @@ def cyclegan_step(nets: dict, opts: dict, real_a, real_b, cfg, epoch: int = 1) -
     set_requires_grad(D_b, False)                                          # gradients pass through
     opts["G"].zero_grad(set_to_none=True)
     zero = real_a.new_zeros(())
-    # L_GAN(G, D_Y) + L_GAN(F, D_X): each fake should pass its domain's D.
+    # λ_GAN·[L_GAN(G_ab, D_b) + L_GAN(G_ba, D_a)]: each fake should pass its domain's D.
     loss_gan_ab = cfg.lambda_GAN * gan_loss(D_b(out.fake_b), True, cfg.gan_mode)
     loss_gan_ba = cfg.lambda_GAN * gan_loss(D_a(out.fake_a), True, cfg.gan_mode)
-    # λ_A·|F(G(x)) − x| + λ_B·|G(F(y)) − y| (Eq. 2): there and back gives the input again.
+    # λ_A·|G_ba(G_ab(a)) − a| + λ_B·|G_ab(G_ba(b)) − b| (Eq. 2): there and back again.
     loss_cycle_a = cfg.lambda_A * F.l1_loss(rec_a, real_a)
     loss_cycle_b = cfg.lambda_B * F.l1_loss(rec_b, real_b)
-    # λ_idt·λ_B·|G(y) − y| + λ_idt·λ_A·|F(x) − x|: an image of the output domain stays.
+    # λ_idt·λ_B·|G_ab(b) − b| + λ_idt·λ_A·|G_ba(a) − a|: an output-domain image stays.
     loss_idt_b = cfg.lambda_IDT * cfg.lambda_B * F.l1_loss(out.idt_b, real_b) if use_idt else zero
     loss_idt_a = cfg.lambda_IDT * cfg.lambda_A * F.l1_loss(out.idt_a, real_a) if use_idt else zero
     loss_G = loss_gan_ab + loss_gan_ba + loss_cycle_a + loss_cycle_b + loss_idt_b + loss_idt_a
@@ -1502,7 +1509,8 @@ class Perceptual(nn.Module):
 def perceptual_terms(nets: dict, cfg, target_sets: list, content_pairs: list):
     """λ_perc·Σ_sets mean_pairs L_perc(out, target) + λ_content·mean_pairs L_content(G(x), x).
     A set holds one (output, target) pair per direction, so two-sided modes
-    average the directions with 0.5, as they do every other term. None when
+    average the two directions (DCLGAN and SimDCL halve every term; CycleGAN's
+    own terms are sums, but a perceptual term per direction keeps its scale). None when
     the loss is off (no VGG in nets) or has nothing to compare. The pairs the
     steps pass (λ_perc; the content pairs are (G(x), x) in every mode):
       CUT, NEGCUT      (idt_b, real_b), with the identity term only

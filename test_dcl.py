@@ -1703,8 +1703,8 @@ def test_negcut_makes_num_patches_negatives(monkeypatch):
     with torch.no_grad():
         y = G(torch.cat([real_a, real_b]))
         negatives = dcl.generated_negatives(copies)
-        nce = dcl.nce_between(real_a, y[:2], G, H, cfg, negatives=negatives)
-        last = dcl.nce_between(real_b, y[2:], G, H, cfg, negatives=negatives)
+        nce = dcl.nce_between(real_a, y[:2], G, H, cfg, make_negatives=negatives)
+        last = dcl.nce_between(real_b, y[2:], G, H, cfg, make_negatives=negatives)
     assert [n.shape for n in last.negatives] == [(20, 16)] * 5
     terms = []
     for negs in last.negatives:                            # (2·10)×16, image-major
@@ -1742,8 +1742,8 @@ def test_negcut_n_step_objective():
     with torch.no_grad():
         y = G(torch.cat([real_a, real_b]))
         negatives = dcl.generated_negatives(copies)
-        first = dcl.nce_between(real_a, y[:1], G, H, cfg, negatives=negatives)
-        last = dcl.nce_between(real_b, y[1:], G, H, cfg, negatives=negatives)
+        first = dcl.nce_between(real_a, y[:1], G, H, cfg, make_negatives=negatives)
+        last = dcl.nce_between(real_b, y[1:], G, H, cfg, make_negatives=negatives)
 
     def div(negatives):                                       # L_div at λ_MS 1, E = 16, K = 16
         halves = [n.view(1, 16, 16) for n in negatives]
@@ -1766,7 +1766,7 @@ def test_negcut_sign_test():
     def nce(**kw):
         torch.manual_seed(100)
         return dcl.nce_between(real_a, G(real_a), G, H, cfg,
-                               negatives=dcl.generated_negatives(nets), **kw)
+                               make_negatives=dcl.generated_negatives(nets), **kw)
     with torch.no_grad():
         start = nce().loss.item()
     torch.manual_seed(100)
@@ -1817,7 +1817,7 @@ def test_negcut_gradient_reaches_the_key_encoder():
     G_key, G, H = copy.deepcopy(nets["G"]), nets["G"], nets["H"]
     fake_b = G(real_b).detach()
     first_conv = {}
-    for case, kw in (("negcut", dict(negatives=dcl.generated_negatives(nets))), ("cut", {})):
+    for case, kw in (("negcut", dict(make_negatives=dcl.generated_negatives(nets))), ("cut", {})):
         G_key.zero_grad(set_to_none=True)
         dcl.nce_between(real_a, fake_b, G_key, H, cfg, G_query=G, **kw).loss.backward()
         first_conv[case] = G_key.model[1].weight.grad
@@ -1825,7 +1825,7 @@ def test_negcut_gradient_reaches_the_key_encoder():
     nets["N"].requires_grad_(True)
     G_key.zero_grad(set_to_none=True)
     ascent = dcl.nce_between(real_a, fake_b, G_key, H, cfg, G_query=G,
-                             negatives=dcl.generated_negatives(nets), negatives_only=True)
+                             make_negatives=dcl.generated_negatives(nets), negatives_only=True)
     (-ascent.loss + dcl.diversity_loss(ascent.negatives, 1, 1.0)).backward()
     assert first_conv["negcut"] is not None and first_conv["negcut"].any()
     assert first_conv["cut"] is None and G_key.model[1].weight.grad is None
@@ -2187,6 +2187,28 @@ def test_perceptual_pairs_of_each_step(mode):
         assert output.requires_grad and torch.allclose(output, out[out_name], atol=1e-5), out_name
         total += weight * (10.0 if content else 1.0) * (output - target).abs().mean().item()
     assert losses["perc"].item() == pytest.approx(total, rel=1e-5)
+
+
+def test_perceptual_identity_pair_follows_the_flip():
+    """§5, §10: on a flipped step (FastCUT's coin, here with the identity term on)
+    G's input is [flip(real_a); flip(real_b)], so the identity output G(flip(real_b))
+    is compared with flip(real_b), as the content pair is with flip(real_a); an
+    unflipped target would punish the flip itself. Both kinds of step occur
+    within the 8 seeded steps (asserted)."""
+    cfg = tiny_cfg(mode="cut", flip_equivariance=True, lambda_perc=1.0)
+    torch.manual_seed(0)
+    nets = dcl.build_networks(dataclasses.replace(cfg, lambda_perc=0.0), "cpu")
+    opts = dcl.build_optimizers(nets, cfg)
+    real_a, real_b = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
+    seen = set()
+    for step in range(8):
+        nets["vgg"] = vgg = RecordingVGG()
+        dcl.cut_step(nets, opts, real_a, real_b, cfg)
+        (_, identity_target, _), = vgg.calls
+        flipped = torch.equal(identity_target, real_b.flip(3))
+        assert flipped or torch.equal(identity_target, real_b)
+        seen.add(flipped)
+    assert seen == {True, False}
 
 
 @pytest.mark.parametrize("mode, extra", [("fastcut", []), ("dcl", ["--lambda_IDT", 0])])
