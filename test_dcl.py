@@ -1320,18 +1320,9 @@ def test_translate_never_overwrites_its_own_output(runs, data, tmp_path, capsys)
     _, run_dir = runs("cut")
     shutil.copy(data / "testA" / "0.jpg", tmp_path / "x.jpg")
     shutil.copy(data / "trainB" / "0.png", tmp_path / "x.png")
-    code, _, err = main_in_process(
-        capsys,
-        "translate",
-        "--checkpoint",
-        run_dir / "ckpt_latest.pt",
-        "--input",
-        tmp_path,
-        "--output",
-        tmp_path / "out",
-        "--device",
-        "cpu",
-    )
+    code, _, err = main_in_process(capsys, "translate", "--checkpoint", run_dir / "ckpt_latest.pt",
+                                   "--input", tmp_path, "--output", tmp_path / "out", "--device",
+                                   "cpu")
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.jpg.png", "x.png.png"]
 
@@ -1682,6 +1673,24 @@ def test_diversity_loss():
     )
 
 
+def negcut_step_and_its_branches(nets, opts, real_a, real_b, cfg):
+    """One negcut_step (seed 7), and its N step's two NCE branches recomputed by
+    hand from copies of the nets made before it, with the same seed (between the
+    seed and the N step negcut_step draws nothing: no flip coin, no randomness in
+    D): (step losses, the PatchNCE result of real_a -> fake_b, of real_b -> idt_b)."""
+    copies = copy.deepcopy(nets)
+    torch.manual_seed(7)
+    losses = dcl.negcut_step(nets, opts, real_a, real_b, cfg)
+    torch.manual_seed(7)
+    G, H, n = copies["G"], copies["H"], real_a.shape[0]
+    with torch.no_grad():
+        y = G(torch.cat([real_a, real_b]))
+        negatives = dcl.generated_negatives(copies)
+        main = dcl.nce_between(real_a, y[:n], G, H, cfg, make_negatives=negatives)
+        identity = dcl.nce_between(real_b, y[n:], G, H, cfg, make_negatives=negatives)
+    return losses, main, identity
+
+
 def test_negcut_makes_num_patches_negatives(monkeypatch):
     """§7 (F16): N makes --num_patches negatives per image and layer, as the
     official code does (noise n×num_patches×64), and L_div splits them into halves
@@ -1695,16 +1704,7 @@ def test_negcut_makes_num_patches_negatives(monkeypatch):
     assert nets["N"].count == 10
     opts = dcl.build_optimizers(nets, cfg)
     real_a, real_b = (torch.rand(2, 3, 32, 32) * 2 - 1 for _ in "ab")
-    copies = copy.deepcopy(nets)
-    torch.manual_seed(7)
-    losses = dcl.negcut_step(nets, opts, real_a, real_b, cfg)
-    torch.manual_seed(7)
-    G, H = copies["G"], copies["H"]
-    with torch.no_grad():
-        y = G(torch.cat([real_a, real_b]))
-        negatives = dcl.generated_negatives(copies)
-        nce = dcl.nce_between(real_a, y[:2], G, H, cfg, make_negatives=negatives)
-        last = dcl.nce_between(real_b, y[2:], G, H, cfg, make_negatives=negatives)
+    losses, nce, last = negcut_step_and_its_branches(nets, opts, real_a, real_b, cfg)
     assert [n.shape for n in last.negatives] == [(20, 16)] * 5
     terms = []
     for negs in last.negatives:                            # (2·10)×16, image-major
@@ -1734,16 +1734,7 @@ def test_negcut_n_step_objective():
     seed and the N step negcut_step draws nothing: NEGCUT has no flip coin and D no
     randomness), to 1e-6. L_div of the first branch's negatives would differ."""
     cfg, nets, opts, real_a, real_b = negcut_setup()
-    copies = copy.deepcopy(nets)
-    torch.manual_seed(7)
-    losses = dcl.negcut_step(nets, opts, real_a, real_b, cfg)
-    torch.manual_seed(7)
-    G, H = copies["G"], copies["H"]
-    with torch.no_grad():
-        y = G(torch.cat([real_a, real_b]))
-        negatives = dcl.generated_negatives(copies)
-        first = dcl.nce_between(real_a, y[:1], G, H, cfg, make_negatives=negatives)
-        last = dcl.nce_between(real_b, y[1:], G, H, cfg, make_negatives=negatives)
+    losses, first, last = negcut_step_and_its_branches(nets, opts, real_a, real_b, cfg)
 
     def div(negatives):                                       # L_div at λ_MS 1, E = 16, K = 16
         halves = [n.view(1, 16, 16) for n in negatives]
@@ -1890,22 +1881,9 @@ def test_negcut_without_nce(data, tmp_path, capsys):
     """§7: `--mode negcut --lambda_NCE 0` leaves N nothing to do (no NCE term, so no
     negatives). It must not crash: either it trains (exit 0) or it refuses in one
     line naming --lambda_NCE (exit 2)."""
-    code, _, err = train_in_process(
-        capsys,
-        "--mode",
-        "negcut",
-        "--lambda_NCE",
-        0,
-        "--dataroot",
-        data,
-        *TINY,
-        "--max_steps",
-        1,
-        "--display_freq",
-        100,
-        "--checkpoints_dir",
-        tmp_path,
-    )
+    code, _, err = train_in_process(capsys, "--mode", "negcut", "--lambda_NCE", 0, "--dataroot",
+                                    data, *TINY, "--max_steps", 1, "--display_freq", 100,
+                                    "--checkpoints_dir", tmp_path)
     assert code == 0 or (code == 2 and err.count("\n") == 1 and "--lambda_NCE" in err), err
 
 
@@ -2063,28 +2041,10 @@ def test_train_with_perceptual_loss(mode, fast_vgg, data, tmp_path, capsys):
     """§10, §15: `train --lambda_perc 1 --lambda_perc_content 0.5 --vgg_weights random
     --max_steps 2` exits 0 with a finite, positive perc in every log row; VGG is
     neither in the checkpoint's nets nor an optimiser family of its own."""
-    code, _, err = train_in_process(
-        capsys,
-        "--mode",
-        mode,
-        "--dataroot",
-        data,
-        *TINY,
-        "--max_steps",
-        2,
-        "--lambda_perc",
-        1,
-        "--lambda_perc_content",
-        0.5,
-        "--vgg_weights",
-        "random",
-        "--display_freq",
-        100,
-        "--checkpoints_dir",
-        tmp_path,
-        "--name",
-        "r",
-    )
+    code, _, err = train_in_process(capsys, "--mode", mode, "--dataroot", data, *TINY,
+                                    "--max_steps", 2, "--lambda_perc", 1, "--lambda_perc_content",
+                                    0.5, "--vgg_weights", "random", "--display_freq", 100,
+                                    "--checkpoints_dir", tmp_path, "--name", "r")
     assert code == 0, err
     rows = read_log(tmp_path / "r")
     assert len(rows) == 2 and all(math.isfinite(r["perc"]) and r["perc"] > 0 for r in rows)
@@ -2218,27 +2178,10 @@ def test_perceptual_loss_without_target_images(mode, extra, fast_vgg, data, tmp_
     --lambda_perc alone has no pair to apply to. Training must not crash: either it
     runs (exit 0, perc 0 in the log) or it refuses in one line naming --lambda_perc
     (exit 2) before any run folder exists."""
-    code, _, err = train_in_process(
-        capsys,
-        "--mode",
-        mode,
-        "--dataroot",
-        data,
-        *TINY,
-        *extra,
-        "--max_steps",
-        1,
-        "--lambda_perc",
-        1,
-        "--vgg_weights",
-        "random",
-        "--display_freq",
-        100,
-        "--checkpoints_dir",
-        tmp_path,
-        "--name",
-        "r",
-    )
+    code, _, err = train_in_process(capsys, "--mode", mode, "--dataroot", data, *TINY, *extra,
+                                    "--max_steps", 1, "--lambda_perc", 1, "--vgg_weights",
+                                    "random", "--display_freq", 100, "--checkpoints_dir", tmp_path,
+                                    "--name", "r")
     if code == 0:
         assert [r["perc"] for r in read_log(tmp_path / "r")] == [0.0]
     else:
@@ -2369,22 +2312,9 @@ def test_train_with_hard_negatives(mode, runs, data, tmp_path, capsys):
     ids as the runs fixture's plain run (equal D_real), and its NCE terms are at
     least the plain ones: with w_j increasing in s_j and mean 1, Σ_j w_j·e^(s_j/τ) ≥
     Σ_j e^(s_j/τ) (Chebyshev's sum inequality), row by row."""
-    code, _, err = train_in_process(
-        capsys,
-        "--mode",
-        mode,
-        "--dataroot",
-        data,
-        *TINY,
-        "--max_steps",
-        2,
-        "--nce_hard_beta",
-        1,
-        "--checkpoints_dir",
-        tmp_path,
-        "--name",
-        mode,
-    )
+    code, _, err = train_in_process(capsys, "--mode", mode, "--dataroot", data, *TINY,
+                                    "--max_steps", 2, "--nce_hard_beta", 1, "--checkpoints_dir",
+                                    tmp_path, "--name", mode)
     assert code == 0, err
     rows = read_log(tmp_path / mode)
     assert len(rows) == 2 and all(math.isfinite(r[k]) for r in rows for k in LOSS_NAMES[mode])
@@ -2570,24 +2500,9 @@ def test_nan_loss_stops_before_any_checkpoint_of_it(nan_step, data, tmp_path, ca
         calls[0] += 1
         return gan_loss(*args) * (math.nan if calls[0] > 3 * (nan_step - 1) else 1.0)
     monkeypatch.setattr(dcl, "gan_loss", poisoned)
-    code, _, err = train_in_process(
-        capsys,
-        "--dataroot",
-        data,
-        *TINY,
-        "--max_steps",
-        8,
-        "--print_freq",
-        100,
-        "--save_latest_freq",
-        2,
-        "--display_freq",
-        100,
-        "--checkpoints_dir",
-        tmp_path,
-        "--name",
-        "r",
-    )
+    code, _, err = train_in_process(capsys, "--dataroot", data, *TINY, "--max_steps", 8,
+                                    "--print_freq", 100, "--save_latest_freq", 2, "--display_freq",
+                                    100, "--checkpoints_dir", tmp_path, "--name", "r")
     first = 3 if nan_step == 3 else 1
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert f"loss D_real became nan in steps {first}-{first + 1} (epoch 1)" in err
@@ -2735,18 +2650,9 @@ def test_translate_out_of_memory_names_max_side(runs, data, tmp_path, capsys, mo
     def out_of_memory(self, x):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
     monkeypatch.setattr(dcl.Generator, "forward", out_of_memory)
-    code, _, err = main_in_process(
-        capsys,
-        "translate",
-        "--checkpoint",
-        runs("cut")[1] / "ckpt_latest.pt",
-        "--input",
-        data / "testA" / "sub" / "2.png",
-        "--output",
-        tmp_path / "out",
-        "--device",
-        "cpu",
-    )
+    code, _, err = main_in_process(capsys, "translate", "--checkpoint", runs("cut")[1] /
+                                   "ckpt_latest.pt", "--input", data / "testA" / "sub" / "2.png",
+                                   "--output", tmp_path / "out", "--device", "cpu")
     assert code == 2 and err.startswith("error:") and err.count("\n") == 1, err
     assert "2.png" in err and "--max_side" in err and "memory" in err
     assert not (tmp_path / "out").exists()
