@@ -821,11 +821,11 @@ def cut_nce(nets, forward: CutForward, real_a, real_b, cfg, **switches) -> tuple
         return None, None
     G, H = nets["G"], nets["H"]
     nce_main = nce_between(real_a, forward.fake_b, G, H, cfg, feat_k=forward.keys_a,
-                        flip_back=forward.flipped, **switches)
+                           flip_back=forward.flipped, **switches)
     if forward.idt_b.shape[0] == 0:
         return nce_main, None
     nce_idt = nce_between(real_b, forward.idt_b, G, H, cfg, feat_k=forward.keys_b,
-                        flip_back=forward.flipped, **switches)
+                          flip_back=forward.flipped, **switches)
     return nce_main, nce_idt
 
 
@@ -1154,7 +1154,7 @@ def negative_step(nets: dict, opts: dict, forward: CutForward, real_a, real_b, c
     opts["N"].zero_grad(set_to_none=True)
     zero = real_a.new_zeros(())
     nce_main, nce_idt = cut_nce(nets, forward, real_a, real_b, cfg,
-                           make_negatives=generated_negatives(nets), negatives_only=True)
+                                make_negatives=generated_negatives(nets), negatives_only=True)
     last = nce_idt if nce_idt is not None else nce_main
     loss_N = -combined_nce(nce_main, nce_idt, zero) + diversity_loss(
         last.negatives, real_a.shape[0], cfg.lambda_MS_neg)
