@@ -27,6 +27,7 @@ Commands
     python dcl.py train --name h2z --continue_train     # resume exactly where it stopped
     python dcl.py translate --checkpoint checkpoints/h2z/ckpt_latest.pt \\
                             --input ./datasets/horse2zebra/testA --output ./results/h2z
+    python dcl.py eval --fake ./results/h2z --real ./datasets/horse2zebra/testB  # FID, KID
     python dcl.py bench --mode all                      # s/iter, images/s, TFLOP/s per mode
     torchrun --nproc_per_node=4 dcl.py train --mode cut --dataroot ...   # multi-GPU
 
@@ -44,9 +45,9 @@ Contents
     10. An extension: the perceptual loss
     11. The modes side by side: presets, networks, steps
   Part II, running them: the machinery, which a first reading can skip.
-    12. Configuration        15. The training loop    18. Bench
-    13. Unpaired data        16. Checkpoints          19. torchrun
-    14. Networks, optimisers 17. Translate            20. Command line
+    12. Configuration        15. The training loop    18. Evaluation: FID, KID
+    13. Unpaired data        16. Checkpoints          19. Bench, 20. torchrun
+    14. Networks, optimisers 17. Translate            21. Command line
 
 Reading paths: for each mode, the functions to read, in this order.
   CUT         Generator, Discriminator, gan_loss, discriminator_step, ProjectionHead,
@@ -65,13 +66,12 @@ Reading paths: for each mode, the functions to read, in this order.
               ImagePool, cyclegan_step
   Every mode: MODES in §11 holds its preset, its networks and its step function.
 
-Letters: n images per batch, S sampled patches per layer and image
-(--num_patches), E projection width (--netF_nc), L tapped layers, K negatives
-per image that NEGCUT's N makes, C×h×w a feature map's channels and size,
-τ the temperature (--nce_T). D is only ever the discriminator and N only
-NEGCUT's negative generator. Domains are a (source, the paper's X) and b
-(target, Y); a name ending in _a or _b says which domain a network or an image
-belongs to: G_ab maps a to b, D_b judges b images, idt_b = G_ab(real_b).
+Letters: n images per batch, S sampled patches per layer and image (--num_patches),
+E projection width (--netF_nc), L tapped layers, K negatives per image that NEGCUT's
+N makes, C×h×w a feature map's channels and size, τ the temperature (--nce_T). D is
+only ever the discriminator and N only NEGCUT's negative generator. Domains are a
+(source, the paper's X) and b (target, Y); a name ending in _a or _b says which
+domain a network or an image belongs to: G_ab maps a to b, D_b judges b images.
 
 Glossary (code name | paper symbol | official name or flag)
     G; G_ab, G_ba      | G; G: X→Y, F: Y→X         | netG; netG_A, netG_B
@@ -99,122 +99,107 @@ Glossary (code name | paper symbol | official name or flag)
     HDCE_gamma         | γ of the hard-negative weights | --HDCE_gamma, --HDCE_gamma_min
     query_selected_rows| A_QS                      | attn_mats (QS-Attn's PatchSampleF)
     nce_T, num_patches, netF_nc, nce_layers | τ 0.07, S 256, E 256, l | the same flags
-    torch.nn.functional is F, as everywhere in PyTorch; the notes below are F1..F20.
+    torch.nn.functional is F, as everywhere in PyTorch; the notes below are F1..F23.
 
 Faithfulness notes: every place where dcl.py differs from the official code,
 and the official quirks it keeps on purpose, each with its reason.
-  F1  Kept: PatchNCE fills the diagonal of the negative similarities (each
-      query against its own positive) with −10 before dividing by τ, as the
-      official code does; the official README's pseudocode masks with −inf.
-      At τ = 0.07 both give exp(−142.9) = 0 in fp32.
-  F2  Kept: the keys are detached (the official code does it; the paper does
-      not say so), and one random set of patch positions per layer is shared by
-      every image of a batch.
-  F3  Changed: patch ids, the flip coin, the B draw and the image pool use
-      torch's random numbers (official: numpy's and Python's), so one --seed
-      covers everything. The distributions are the same, the draws are not.
+  F1  Kept: PatchNCE fills the diagonal of the negative similarities (each query
+      against its own positive) with −10 before dividing by τ, as the official code
+      does (its README's pseudocode: −inf). At τ = 0.07 both give exp(−142.9) = 0.
+  F2  Kept: the keys are detached (officially; the paper does not say so), and one
+      random set of patch positions per layer is shared by every image of a batch.
+  F3  Changed: patch ids, the flip coin, the B draw and the image pool use torch's
+      RNG (official: numpy's, Python's): one --seed covers all; same laws, other draws.
   F4  Changed: PatchNCE groups patches by the batch size the tensor has; the
       official code reads --batch_size, wrong under multi-GPU and for a partial batch.
-  F5  Changed: the heads are built when the run starts, from the known channel
-      counts (official: at the first forward pass, which needs a throwaway
-      forward and backward); layer ids are a tuple that nothing mutates (the
-      official encoder can append to its caller's list).
-  F6  Kept: in the CUT lineage, no random crop during the LR-decay epochs (the
-      images are resized straight to the crop size; --crop_in_decay keeps the
-      crops); the LR never reaches 0 (the last epoch runs at lr/(decay + 1)).
-      CycleGAN uses the same schedule, one epoch later than recent upstream code.
+  F5  Changed: the heads are built at the start from the known channel counts
+      (official: at the first forward pass, with a throwaway forward and backward);
+      layer ids are a tuple (the official encoder can append to its caller's list).
+  F6  Kept: in the CUT lineage, no random crop in the LR-decay epochs (images resized
+      straight to the crop size; --crop_in_decay keeps crops); the LR never reaches 0
+      (last epoch: lr/(decay + 1)); CycleGAN's schedule is one epoch later than upstream's.
   F7  Changed: the step counters (print, display, save) count optimisation
       steps; the official ones count images. The same at batch 1.
   F8  Changed: translate writes one PNG per input at its own size and name (the
-      official test script translates 50 images at 256² by default and can
-      overwrite its own outputs); --resize 256 is the official test protocol.
-  F9  Changed: D scores real and fake images in one call, and G translates an
-      input and its identity input in one call (exact: no layer mixes images);
-      PatchNCE's keys reuse the encoder activations of that call (exact: the
-      same weights, the same input), which saves an encoder pass per NCE term;
-      augmentation draws come from per-item seeds.
-  F10 Changed: --max_dataset_size cuts the sorted file list (official: the walk
-      order); --crop_size must be a multiple of 4 (official: rounded without a
-      word); one checkpoint file holds everything (official: one weights file
-      per network and no optimiser state, so resuming is lossy).
-  F11 Kept (DCLGAN, SimDCL): the hinge G loss is mean(relu(1 − D(G(x)))), not
-      the common −mean(D(G(x))); D's losses are not scaled by λ_GAN; every term
-      is half of the paper's Eq. 8; no image pool (the paper says 50); the
-      code's lr 2e-4 and 200 + 200 epochs (the papers: DCLGAN lr 1e-4 for 400
-      epochs, SimDCL 100 + 100); negatives from the whole batch.
+      official test: 50 images at 256² by default, and it can overwrite its own
+      outputs); --resize 256 is the official test protocol.
+  F9  Changed: D scores real and fake images in one call, G translates an input
+      and its identity input in one call (exact: no layer mixes images), and
+      PatchNCE's keys reuse that call's encoder activations (exact: the same
+      weights and input); augmentation draws come from per-item seeds.
+  F10 Changed: --max_dataset_size cuts the sorted file list (official: walk order);
+      --crop_size must be a multiple of 4 (official: silently rounded); one file holds
+      a run (official: a weights file per network, no optimiser state: lossy resume).
+  F11 Kept (DCLGAN, SimDCL): the hinge G loss is mean(relu(1 − D(G(x)))), not the
+      common −mean(D(G(x))); D's losses are not scaled by λ_GAN; every term is half of
+      the paper's Eq. 8; no image pool (paper: 50); lr 2e-4, 200 + 200 epochs (papers:
+      DCLGAN lr 1e-4 for 400 epochs, SimDCL 100 + 100); negatives from the whole batch.
   F12 Kept (DCLGAN): the heads' Adam at lr 1e-3 and betas (0.9, 0.999), Adam's
       defaults, where the paper says 2e-4; --lr_H and --beta1_H change them.
   F13 Changed (DCLGAN, SimDCL): λ_IDT > 0 switches the L1 identity term on (the
       official code tests λ_NCE > 0, and turning off its separate identity
-      flag then crashes). Dot products of eps-normalised vectors z/(‖z‖ + 1e-7),
-      not cosines: equal once ‖z‖ ≫ 1e-7. At initialisation the loss values
-      agree within 1%, the gradients do not: H's first outputs are tiny
-      (‖z‖ ~ 1e-5), so at step 1 the heads' gradients differ from the cosine
-      version's by 14-29% and G's by 4-11% (‖z/(‖z‖ + 1e-7)‖ as low as 0.78 at
-      tap 4). Adam's first step moves every bias of H by about ±lr, which lifts
-      ‖z‖ far above 1e-7: from step 2 on every row has norm ≥ 0.99996 and the
-      gradients agree to 1e-4.
+      flag then crashes). Kept: dot products of z/(‖z‖ + 1e-7), not cosines.
+      H's first outputs are tiny (‖z‖ ~ 1e-5), so at step 1 the losses agree
+      with cosines' within 1% but the heads' gradients differ by 14-29% and
+      G's by 4-11%; Adam's first step moves every bias of H by about ±lr, and
+      from step 2 on every row has norm ≥ 0.99996, the gradients agree to 2e-4.
   F14 Kept (SimDCL): the official L1Loss('sum') computes a mean (the string
-      lands in a legacy argument), so L_sim averages its 64 dimensions; the
-      declared λ_NCE 2 is never applied (our preset says 1, the weight in
-      effect); nothing is detached, and the fakes get fresh patch ids; identity
-      weight 1. Changed: the mapping heads run at any batch size, S and E (the
-      official ones at batch 1 with S = E = 256 only); identical at batch 1.
-  F15 Changed (CycleGAN): the upstream CycleGAN repository's behaviour
-      (stride-2 and transposed convolutions, N(0, 0.02) init, a pool of 50, G's
-      step before D's). The CUT repository's copy of CycleGAN does not run (it
-      reads an option that does not exist), and DCLGAN's passes the GPU ids
-      where the antialiasing switch goes, so its networks stay on the CPU.
+      lands in a legacy argument): L_sim averages its 64 dimensions; the declared
+      λ_NCE 2 is never applied (our preset: 1, the weight in effect); nothing is
+      detached; the fakes get fresh patch ids; identity weight 1. Changed: the
+      mapping heads run at any batch size, S and E (official: batch 1, S = E = 256).
+  F15 Changed (CycleGAN): the upstream CycleGAN repository's behaviour (stride-2
+      and transposed convolutions, N(0, 0.02) init, a pool of 50, G's step before
+      D's). The CUT repository's copy does not run (it reads an option that does not
+      exist); DCLGAN's passes the GPU ids as the antialiasing switch (CPU only).
   F16 NEGCUT. Kept: H_ema's own random init, not a copy of H; L_div on the
       negatives of the last branch computed (the identity branch when it runs);
-      N makes --num_patches negatives per image and L_div splits them in halves
-      (an odd count, on which the official code crashes, is refused).
-      Changed: N trains at --lr (the declared --lr_N is never read); in N's
-      step only N gets gradients (officially G and H_ema too, unused); the EMA
-      is written H̄ + 0.1·(H − H̄); the noise is drawn on the device.
+      N makes --num_patches negatives per image, split in halves by L_div (an
+      odd count, on which the official code crashes, is refused). Changed: N
+      trains at --lr (--lr_N is never read); in N's step only N gets gradients
+      (officially G and H_ema too, unused); EMA as H̄ + 0.1·(H − H̄); noise on the device.
   F17 Extensions, in no official code and off in every preset: --lambda_perc,
       --lambda_perc_content (VGG16 feature L1) and --nce_hard_beta.
-  F18 Added (--fast, on by default on CUDA): bf16 autocast for the networks,
-      with every output, L2 normalisation, logit and loss in fp32;
-      channels_last; fused Adam. Results change by bf16 rounding only;
-      --fast off is the official fp32 arithmetic (TF32 convolutions aside).
+  F18 Added (--fast, on by default on CUDA): bf16 autocast for the networks, with
+      every output, L2 normalisation, logit and loss in fp32; channels_last; fused
+      Adam. Only bf16 rounding changes; --fast off is official fp32 (TF32 convs aside).
   F19 Added: data parallelism under torchrun (gradients averaged by all-reduce;
       see average_gradients). Each process draws its own patch ids, noise and
       flips and sees its share of A; PatchNCE, pooled negatives and image pools
       stay per process. Effective batch: processes × --batch_size; LR unscaled.
   F20 Changed: every gradient is right at batch size 1. torch 2.13 and 2.14 on
-      the CPU compute instance norm's backward wrongly at batch 1 when the
-      incoming gradient has channels-last strides. The official patch sampler
-      (permute, then pick) sends exactly that into the ResNet blocks tapped for
-      PatchNCE, so the official code at batch 1 on these builds learns from a
-      wrong G gradient (one CUT step: 84% relative error, cosine 0.63; DCLGAN
-      and SimDCL worse). Here the sampler picks before it transposes, and every
-      instance norm makes its incoming gradient contiguous, which also covers
-      NEGCUT's mean embedding and --fast's channels_last convolutions. Forward
-      values are unchanged.
+      the CPU get instance norm's backward wrong at batch 1 for an incoming
+      gradient with channels-last strides, which the official patch sampler
+      (permute, then pick) sends into the tapped ResNet blocks: the official
+      code at batch 1 on these builds learns from a wrong G gradient (one CUT
+      step: 84% relative error, cosine 0.63; DCLGAN and SimDCL worse). Here the
+      sampler picks before it transposes, and every instance norm makes its
+      incoming gradient contiguous (NEGCUT's mean embedding, --fast too).
   F21 Hneg-SRC. Kept from the official code: the preset is its README's
       horse2zebra recipe, not its flag defaults (λ_HDCE 1, λ_SRC 1, γ 1, no
-      identity term); the weights are softmax(z·z/γ) over the keys with the
-      diagonal at −10, divided by the row maximum, multiplying the negative
-      logits (the paper writes a von Mises-Fisher density exp(γ·z·z⁻), in which
-      γ sharpens where the code's γ smooths); the logged HDCE is the weighted
-      cross-entropy, not the decoupled loss it differentiates; L_SRC is a sum
-      over all S×S entries, averaged over layers, on the main branch only.
+      identity term); the weights, softmax(z·z/γ) over the keys with the
+      diagonal at −10 and divided by the row maximum, multiply the negative
+      logits (the paper's von Mises-Fisher density exp(γ·z·z⁻) sharpens with γ,
+      the code's weights smooth); the logged HDCE is the weighted cross-entropy,
+      not the decoupled loss it differentiates; L_SRC sums all S×S entries,
+      averaged over layers, on the main branch only.
       Changed: patch ids are drawn on the keys (official: on the queries; the
       same distribution); the weights per group of negatives and the relations
       per image (official: over the whole batch, which runs at batch 1 only);
-      identical at batch 1. In
-      DCLGAN and SimDCL, where the official code has no hDCE or SRC, each
-      direction gets its own and they are averaged, as every term there is.
-  F22 QS-Attn. Kept: the global variant, the one its README trains; attention
-      on raw features without scaling; the deepest taps only (the official
-      code uses the 4th and 5th of the 5 taps, which at 256² are the smallest
-      maps, our rule); the attention rows are not detached. Changed: entropy
-      from log_softmax (official: log of the softmax, infinities set to 0; equal
-      up to rounding). Not included: its local (7×7 window) and global+local variants.
+      identical at batch 1. In DCLGAN and SimDCL (no hDCE or SRC officially)
+      each direction gets its own, averaged as every term there is.
+  F22 QS-Attn. Kept: the global variant, the one its README trains; attention on
+      raw features without scaling; the deepest taps only (officially the 4th and
+      5th of 5, at 256² the smallest maps, our rule); the attention rows are not
+      detached. Changed: entropy from log_softmax (official: log of the softmax,
+      infinities set to 0; equal up to rounding). Not included: local variants.
+  F23 Evaluation (not the methods' code: pytorch-fid's protocol). Its network and
+      features exactly; tr (Σ1 Σ2)^½ from a symmetric eigendecomposition, not
+      scipy's sqrtm (the same up to rounding); images of any size in any
+      size in any subfolder (pytorch-fid: one folder, batches of equal sizes).
 
 Not included: display servers, HTML pages, dataset downloads, UNet/StyleGAN generators,
-SinCUT, FID (run pytorch-fid on translate output), DataParallel, CUDA graphs, wandb.
+SinCUT, DataParallel, CUDA graphs, wandb.
 """
 from __future__ import annotations
 
@@ -232,6 +217,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from functools import partial
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -1469,16 +1455,12 @@ class Perceptual(nn.Module):
 
     def __init__(self, weights: str):
         super().__init__()
-        path = Path(weights) if weights else Path(torch.hub.get_dir()) / "checkpoints" / VGG_FILE
-        if weights != "random" and not path.is_file():
-            raise UserError(f"--lambda_perc needs VGG16 ImageNet weights ({VGG_FILE}): "
-                            f"{path} not found. Nothing is downloaded: on a networked machine run "
-                            "torchvision.models.vgg16(weights='IMAGENET1K_V1') once, then copy the "
-                            f"file to {path.parent} or pass --vgg_weights PATH")
+        path = local_weights(weights, VGG_FILE, "--lambda_perc", "--vgg_weights",
+                             "run torchvision.models.vgg16(weights='IMAGENET1K_V1')")  # §18
         # Only the layers up to relu4_3 are ever used. torchvision's file holds
         # features.N and classifier.N keys; a file of `features` alone loads too.
         self.features = vgg16(weights=None).features[:VGG_LAYERS["relu4_3"] + 1]
-        if weights != "random":
+        if path is not None:
             state = {k.removeprefix("features."): v for k, v in read_checkpoint(path).items()}
             load_state(self.features, {k: v for k, v in state.items()
                                        if k in self.features.state_dict()}, f"{path} (VGG16)")
@@ -1608,25 +1590,24 @@ MODES = {
 # =============================================================================
 # PART II. RUNNING THEM
 # =============================================================================
-# Everything a real run needs around the methods: the configuration, the data,
-# building the networks, the loop with its log, samples and checkpoints, translate,
-# bench, torchrun and the command line. None of it changes what a step computes.
+# Everything a real run needs around the methods: configuration, data, networks,
+# the loop, checkpoints, translate, evaluation, bench, torchrun, the command line.
+# None of it changes what a step computes.
 
 # -----------------------------------------------------------------------------
 # 12. Configuration
 # -----------------------------------------------------------------------------
-# One dataclass holds every setting; each field becomes a command-line flag with
-# the official name (§20). resolve_config merges the official defaults, the mode
-# preset (§11), the demo settings and the typed flags, and records where each
-# value came from, so the printed config explains itself. The resolved config is
-# saved with the run and in every checkpoint, so translate needs nothing else.
+# One dataclass holds every setting; each field is a command-line flag with the
+# official name (§21). resolve_config merges the official defaults, the mode
+# preset (§11), the demo settings and the typed flags, and records each value's
+# origin for the printed config; checkpoints store it, so translate needs nothing else.
 
 # Without --dataroot we train on the bundled 96×96 two-domain set in data/ with
 # settings a 2-core CPU runs at several steps per second: 64-pixel crops and a
 # quarter-width network. The method (losses, layers, step) is unchanged.
 BUNDLED_DATA = Path(__file__).resolve().parent / "data"
 DEMO = dict(load_size=72, crop_size=64, ngf=16, ndf=16, n_epochs=6, n_epochs_decay=2, print_freq=25,
-            display_freq=100, save_latest_freq=500, save_epoch_freq=1, num_threads=1)
+            display_freq=100, save_latest_freq=500, save_epoch_freq=1, num_threads=1, eval_freq=1)
 
 
 class UserError(Exception):
@@ -1643,15 +1624,13 @@ class TrainConfig:
     # method
     mode: str = _opt("cut", "method preset", choices=tuple(MODES))
     # data
-    dataroot: str = _opt("", "folder with trainA/, trainB/ (and testA/, testB/); "
-                         "empty = bundled demo")
+    dataroot: str = _opt("", "folder with trainA/, trainB/ (testA/, testB/); empty = the demo")
     direction: str = _opt("AtoB", "BtoA swaps the domains", choices=("AtoB", "BtoA"))
     load_size: int = _opt(286, "training images are resized to this square first")
     crop_size: int = _opt(256, "then randomly cropped to this square (a multiple of 4)")
     no_flip: bool = _opt(False, "no random horizontal flip of training images")
     serial_batches: bool = _opt(False, "no shuffling; B paired to A by index, not at random")
-    crop_in_decay: bool = _opt(False, "keep random crops in the LR-decay epochs "
-                               "(official: no crop)")
+    crop_in_decay: bool = _opt(False, "random crops in the LR-decay epochs too (official: none)")
     max_dataset_size: int = _opt(0, "use at most this many images per domain (0 = all)")
     num_threads: int = _opt(4, "data-loading worker processes (0 = load in the main process)")
     # model
@@ -1662,25 +1641,20 @@ class TrainConfig:
     init_type: str = _opt("xavier", "weight init, gain/std 0.02", choices=("xavier", "normal"))
     netF_nc: int = _opt(256, "E: width of the projection head H")
     nce_layers: str = _opt("0,4,8,12,16", "indices of G.model tapped for PatchNCE, ascending")
-    num_patches: int = _opt(256, "S: patches sampled per layer and image (NEGCUT: also the "
-                            "negatives per image)")
+    num_patches: int = _opt(256, "S: patches per layer and image (NEGCUT: negatives per image)")
     # losses
     gan_mode: str = _opt("lsgan", "adversarial loss", choices=("lsgan", "hinge"))
     lambda_GAN: float = _opt(1.0, "weight of the adversarial loss of G")
-    lambda_NCE: float = _opt(1.0, "weight of the PatchNCE (or hDCE) loss",
-                             aliases=("--lambda_HDCE",))
-    nce_idt: bool = _opt(True, "also apply PatchNCE to y -> G(y) (identity)",
-                         aliases=("--dce_idt",))
+    lambda_NCE: float = _opt(1.0, "weight of PatchNCE (or hDCE)", aliases=("--lambda_HDCE",))
+    nce_idt: bool = _opt(True, "PatchNCE on y -> G(y) too (identity)", aliases=("--dce_idt",))
     nce_T: float = _opt(0.07, "tau: the PatchNCE temperature")
     nce_includes_all_negatives_from_minibatch: bool = _opt(False, "negatives from the whole batch")
-    lambda_IDT: float = _opt(0.0, "weight of the L1 identity loss |G(y) − y| "
-                             "(CycleGAN: × lambda_A/B)")
+    lambda_IDT: float = _opt(0.0, "weight of the L1 identity |G(y) − y| (CycleGAN: × lambda_A/B)")
     lambda_SIM: float = _opt(0.0, "SimDCL: weight of the similarity loss")
     lambda_A: float = _opt(10.0, "CycleGAN: weight of the cycle loss |G_ba(G_ab(a)) − a|")
     lambda_B: float = _opt(10.0, "CycleGAN: weight of the cycle loss |G_ab(G_ba(b)) − b|")
     pool_size: int = _opt(0, "CycleGAN: D sees fakes from a pool of this many earlier ones")
-    lambda_MS_neg: float = _opt(0.0, "NEGCUT: weight of the diversity term of the "
-                                "negative generator")
+    lambda_MS_neg: float = _opt(0.0, "NEGCUT: weight of the negative generator's diversity")
     # extensions (off in every preset, so the official modes are unchanged)
     lambda_perc: float = _opt(0.0, "weight of the VGG16 perceptual loss (identity, cycle targets)")
     lambda_perc_content: float = _opt(0.0, "weight of a VGG16 relu4_3 content loss, G(x) vs x")
@@ -1688,17 +1662,15 @@ class TrainConfig:
                             "torchvision's cache; 'random' = random weights, for tests only")
     nce_hard_beta: float = _opt(0.0, "weight negatives by exp(beta·similarity) (0 = official)")
     # successors of PatchNCE (§8; off in every preset but hnegsrc)
-    nce_loss: str = _opt("patchnce", "the contrastive loss: PatchNCE, or Hneg-SRC's hard-negative "
-                         "decoupled loss", choices=("patchnce", "hdce"))
+    nce_loss: str = _opt("patchnce", "PatchNCE, or Hneg-SRC's hDCE", choices=("patchnce", "hdce"))
     lambda_SRC: float = _opt(0.0, "Hneg-SRC: weight of the semantic relation consistency loss")
     HDCE_gamma: float = _opt(1.0, "Hneg-SRC: γ, the temperature of the hard-negative weights")
     HDCE_gamma_min: float = _opt(1.0, "Hneg-SRC: γ at the end of the run, with --use_curriculum")
     use_curriculum: bool = _opt(False, "Hneg-SRC: move γ linearly to HDCE_gamma_min")
     step_gamma_epoch: int = _opt(0, "Hneg-SRC: γ = 1 after this epoch, with --use_curriculum "
                                  "(0 = never; official --step_gamma --step_gamma_epoch)")
-    patch_select: str = _opt("random", "PatchNCE's anchors: random positions, or QS-Attn's "
-                             "query-selected attention rows on the deepest taps",
-                             choices=("random", "qsattn"))
+    patch_select: str = _opt("random", "PatchNCE's anchors: random, or QS-Attn's selected rows "
+                             "(deepest taps)", choices=("random", "qsattn"))
     flip_equivariance: bool = _opt(False, "FastCUT: flip inputs at random, G's features back")
     # optimisation
     n_epochs: int = _opt(200, "epochs at the initial learning rate")
@@ -1712,19 +1684,21 @@ class TrainConfig:
     # run
     name: str = _opt("", "run folder checkpoints_dir/name (default: <mode>_<dataset folder>)")
     checkpoints_dir: str = _opt("./checkpoints", "where run folders are made")
-    continue_train: bool = _opt(False, "continue the run `name` from its latest checkpoint",
-                                aliases=("--resume",))
+    continue_train: bool = _opt(False, "go on with run `name`", aliases=("--resume",))
     max_steps: int = _opt(0, "stop after this many steps in all (0 = train every epoch)")
     seed: int = _opt(0, "seeds torch, numpy, python and every data-augmentation draw")
     device: str = _opt("auto", "auto (CUDA if available), cpu, cuda or cuda:N")
     deterministic: bool = _opt(False, "deterministic cuDNN and torch algorithms")
-    fast: str = _opt("auto", "bf16, channels_last, fused Adam (auto: on CUDA)",
-                     choices=("auto", "on", "off"))
+    fast: str = _opt("auto", "bf16, channels_last, fused Adam", choices=("auto", "on", "off"))
     compile: bool = _opt(False, "torch.compile G and D (slow first steps; pays on long runs)")
     print_freq: int = _opt(100, "steps between loss-log rows and progress lines")
     display_freq: int = _opt(2500, "steps between sample grids")
     save_latest_freq: int = _opt(5000, "steps between writes of ckpt_latest.pt")
     save_epoch_freq: int = _opt(5, "epochs between kept weight snapshots")
+    # evaluation (§18)
+    eval_freq: int = _opt(0, "score the test split every E epochs, keep ckpt_best.pt (0 = never)")
+    eval_metric: str = _opt("auto", "ckpt_best.pt's score", choices=("auto", "fid", "kid", "psnr"))
+    inception_weights: str = _opt("", "pytorch-fid's Inception weights (default: hub cache)")
 
     @property
     def layer_ids(self) -> tuple:
@@ -1750,9 +1724,9 @@ class TrainConfig:
             raise UserError(f"--crop_size {self.crop_size}: use a multiple of 4 (G halves the "
                             "size twice), at least 24 (D's last instance norm needs 2x2 pixels)")
         for flag in ("batch_size", "num_patches", "ngf", "ndf", "netF_nc", "print_freq",
-                     "display_freq", "save_latest_freq", "save_epoch_freq"):
-            if getattr(self, flag) < 1:
-                raise UserError(f"--{flag} must be at least 1")
+                     "display_freq", "save_latest_freq", "save_epoch_freq", "eval_freq"):
+            if getattr(self, flag) < (flag != "eval_freq"):
+                raise UserError(f"--{flag} must be at least {int(flag != 'eval_freq')}")
         if self.nce_T <= 0:
             raise UserError("--nce_T must be positive")
         mode = MODES[self.mode]
@@ -1815,20 +1789,22 @@ def describe_config(cfg: TrainConfig, origin: dict) -> str:
 # -----------------------------------------------------------------------------
 # DATAROOT/trainA and trainB hold unrelated images. An epoch has max(|A|, |B|)
 # items (official unaligned_dataset.py): item i is A image i mod |A|, so every A
-# image is seen at least once (more often when B is the larger domain), each with
-# a B image drawn at random, so that no pairing can be learnt. Each item's draws
-# (the B index, the crop, the flip) come from its own seed (seed, epoch,
-# position): a run is the same with any number of workers and resumes exactly in
-# the middle of an epoch (F9).
+# image is seen at least once, each with a B image drawn at random, so that no
+# pairing can be learnt. Each item's draws (B index, crop, flip) come from its own
+# seed (seed, epoch, position): a run is the same with any number of workers and
+# resumes exactly in the middle of an epoch (F9).
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 
 
-def find_images(folder: Path) -> list:
-    """Every image below folder (links followed), sorted, extensions in any case."""
+def find_images(folder: Path, least: int = 0, why: str = "") -> list:
+    """Every image below folder (links followed, any case), sorted; at least `least`."""
     found = []
     for root, _, names in os.walk(folder, followlinks=True):
         found += [Path(root) / n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+    if len(found) < least:
+        raise UserError(f"{len(found) or 'no'} image{'s' * (len(found) != 1)} in {folder}{why} "
+                        f"(looked for {' '.join(IMAGE_EXTENSIONS)}, any case)")
     return sorted(found)
 
 
@@ -1850,10 +1826,9 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 def train_transform(img: Image.Image, cfg: TrainConfig, rng: torch.Generator,
                     no_crop: bool) -> torch.Tensor:
-    """Official 'resize_and_crop': PIL bicubic resize to load_size² (aspect ratio
-    not kept), random crop_size² crop, random horizontal flip. During the
-    LR-decay epochs the CUT lineage resizes straight to crop_size² instead (no
-    crop, flip kept), so the last epochs see whole images, as at test time (F6)."""
+    """Official 'resize_and_crop': PIL bicubic resize to load_size² (aspect ratio not
+    kept), random crop_size² crop, random flip. In the LR-decay epochs the CUT lineage
+    resizes straight to crop_size² (no crop): whole images, as at test time (F6)."""
     size = cfg.crop_size if no_crop else cfg.load_size
     img = img.resize((size, size), Image.Resampling.BICUBIC)
     if size > cfg.crop_size:
@@ -1875,10 +1850,7 @@ def domain_folders(cfg: TrainConfig, phase: str = "train") -> tuple[Path, Path]:
 def list_domain(folder: Path, limit: int = 0) -> list:
     if not folder.is_dir():
         raise UserError(f"{folder} not found: training needs DATAROOT/trainA and DATAROOT/trainB")
-    files = find_images(folder)
-    if not files:
-        raise UserError(f"no images in {folder} (looked for {' '.join(IMAGE_EXTENSIONS)}, "
-                        "any case)")
+    files = find_images(folder, least=1)
     return files[:limit] if limit > 0 else files
 
 
@@ -1932,10 +1904,9 @@ def item_seed(*key) -> int:
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """One epoch's items: a seeded permutation (unless --serial_batches), cut to
-    whole batches (official drop_last), starting at a given batch. Under
-    torchrun, process r of w takes positions r, r + w, r + 2w, ... of the same
-    permutation, and every process gets the same number of batches."""
+    """One epoch's items: a seeded permutation (unless --serial_batches), cut to whole
+    batches (official drop_last), from a given batch on. Under torchrun process r of
+    w takes positions r, r + w, ... of it; every process gets as many batches."""
 
     def __init__(self, n_items: int, cfg: TrainConfig, epoch: int, start_batch: int = 0,
                  rank: int = 0, world: int = 1):
@@ -1963,13 +1934,12 @@ class EpochSampler(torch.utils.data.Sampler):
 # Every network name a mode lists in §11: what it is, and which Adam trains it.
 # None: no optimiser (H_ema moves by the EMA only; a pool holds images).
 NETWORK_KINDS = {
-    "G": ("generator", "G"), "G_ab": ("generator", "G"), "G_ba": ("generator", "G"),
-    "D": ("discriminator", "D"), "D_a": ("discriminator", "D"), "D_b": ("discriminator", "D"),
-    "H": ("projection head", "H"), "H_a": ("projection head", "H"),
-    "H_b": ("projection head", "H"), "H_ema": ("projection head", None),
-    "N": ("negative generator", "N"),
-    "M_ra": ("mapping head", "H"), "M_fb": ("mapping head", "H"), "M_rb": ("mapping head", "H"),
-    "M_fa": ("mapping head", "H"), "pool_a": ("image pool", None), "pool_b": ("image pool", None)}
+    **dict.fromkeys(("G", "G_ab", "G_ba"), ("generator", "G")),
+    **dict.fromkeys(("D", "D_a", "D_b"), ("discriminator", "D")),
+    **dict.fromkeys(("H", "H_a", "H_b"), ("projection head", "H")),
+    **dict.fromkeys(("M_ra", "M_fb", "M_rb", "M_fa"), ("mapping head", "H")),
+    **dict.fromkeys(("pool_a", "pool_b"), ("image pool", None)),
+    "H_ema": ("projection head", None), "N": ("negative generator", "N")}
 
 
 def make_generator(cfg: TrainConfig) -> Generator:
@@ -1982,15 +1952,13 @@ def fast_path(cfg: TrainConfig, device) -> bool:
 
 
 def memory_layout(fast: bool):
-    """channels_last (NHWC) under --fast, the layout of the GPU's bf16 convolution
-    kernels; otherwise whatever layout a tensor has."""
+    """channels_last (NHWC, what bf16 GPU convolutions want) under --fast; else as is."""
     return torch.channels_last if fast else torch.preserve_format
 
 
 def build_networks(cfg: TrainConfig, device) -> dict:
-    """The mode's networks (§11), built when the run starts and initialised; the
-    head sizes come from the tapped layers' channel counts (F5). A network no
-    optimiser trains gets no gradients either."""
+    """The mode's networks (§11), initialised, heads sized by the tapped layers'
+    channels (F5); a network that no optimiser trains gets no gradients either."""
     with torch.device("meta"):                                # shapes only: no memory, no RNG
         G = make_generator(cfg)
         channels = G.tap_channels(cfg.layer_ids)
@@ -2024,9 +1992,8 @@ def build_networks(cfg: TrainConfig, device) -> dict:
 
 
 def build_optimizers(nets: dict, cfg: TrainConfig, fused: bool = False) -> dict:
-    """One Adam per family of NETWORK_KINDS: "G", "D", "H" (every head, with
-    --lr_H and --beta1_H when set), "N" (at --lr: the official --lr_N is never
-    read, F16); no weight decay. fused: one kernel per step (--fast)."""
+    """One Adam per family of NETWORK_KINDS, no weight decay: G, D, H (all heads;
+    --lr_H, --beta1_H), N (at --lr; --lr_N is never read, F16). fused: --fast."""
     params, opts = {}, {}
     for name, net in nets.items():
         family = NETWORK_KINDS.get(name, ("", None))[1]
@@ -2049,23 +2016,17 @@ def build_training(cfg: TrainConfig, device) -> tuple:
     return nets, build_optimizers(nets, cfg, fused=fast), fast
 
 
-def count_parameters(net: nn.Module) -> int:
-    return sum(p.numel() for p in net.parameters())
-
-
 # -----------------------------------------------------------------------------
 # 15. The training loop
 # -----------------------------------------------------------------------------
 # train() runs in numbered phases: processes and device, the run folder, seeds,
-# data, networks (restored when continuing), what will happen, the loop, the
-# end. The loop's output: a one-line progress display, a JSON row per log step
-# in log.jsonl, sample grids of fixed inputs, and ckpt_latest.pt, from which a
-# run always continues exactly (§16).
+# data, networks (restored when continuing), what will happen, the loop, the end.
+# Its output: a one-line progress display, a JSON row per log step in log.jsonl,
+# sample grids of fixed inputs, and ckpt_latest.pt, which always resumes (§16).
 
 def lr_multiplier(epoch: int, cfg: TrainConfig) -> float:
     """Official 'linear' policy for 1-based epoch e: 1 − max(0, e − n_epochs)/(n_epochs_decay + 1).
-    Full LR for n_epochs epochs, then linear decay; the last epoch runs at
-    lr/(n_epochs_decay + 1): the official schedule never reaches 0 (F6)."""
+    The last epoch runs at lr/(n_epochs_decay + 1): the schedule never reaches 0 (F6)."""
     return 1.0 - max(0, epoch - cfg.n_epochs) / (cfg.n_epochs_decay + 1)
 
 
@@ -2075,11 +2036,11 @@ def pick_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"--device {name}: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
+        device = torch.device("meta")                         # refused just below
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"--device {name}: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
     return device
 
 
@@ -2118,8 +2079,7 @@ class Meter:
 
 
 def fixed_samples(cfg: TrainConfig, dataset: UnpairedDataset, count: int = 4) -> tuple:
-    """A few held-out inputs (testA/testB, else the first training images), resized
-    without crop or flip, as translate would see them."""
+    """A few test inputs (else training ones), resized to crop_size² as the test does."""
     batches = []
     for test_folder, train_files in zip(domain_folders(cfg, "test"),
                                         (dataset.files_a, dataset.files_b)):
@@ -2158,9 +2118,8 @@ def write_run_info(run_dir: Path, cfg: TrainConfig, device: torch.device, argv: 
 
 
 def open_run(cfg: TrainConfig, origin: dict, latest: Path) -> tuple:
-    """(cfg, origin, stored checkpoint or None): continuing takes the stored
-    config (with the flags that may change, §16); a new run may not reuse the
-    folder of one that has a checkpoint."""
+    """(cfg, origin, stored checkpoint or None): continuing takes the stored config
+    (and the flags that may change, §16); a new run may not reuse a run's folder."""
     if cfg.continue_train:
         resume = read_checkpoint(latest)
         cfg = resume_config(resume, cfg, origin, latest)
@@ -2226,7 +2185,7 @@ def open_log(run_dir: Path, step: int, resuming: bool):
 
 
 def train(cfg: TrainConfig, origin: dict, argv: list) -> int:
-    # 1. Processes and device: a plain run, or one of torchrun's processes (§19).
+    # 1. Processes and device: a plain run, or one of torchrun's processes (§20).
     rank, world, device = setup_distributed(pick_device(cfg.device))
     master = rank == 0                                        # only it prints and writes files
     say = print if master else lambda *args, **kw: None
@@ -2250,6 +2209,7 @@ def train(cfg: TrainConfig, origin: dict, argv: list) -> int:
         raise UserError(f"--batch_size {cfg.batch_size} × {world} processes is larger than the "
                         f"dataset ({len(dataset)})")
     samples = fixed_samples(cfg, dataset)
+    tests = TestSplit(cfg, device) if cfg.eval_freq and master else None     # §18
 
     # 5. Networks and optimisers, with their stored state when continuing.
     nets, opts, fast = build_training(cfg, device)
@@ -2257,6 +2217,12 @@ def train(cfg: TrainConfig, origin: dict, argv: list) -> int:
     if resume is not None:
         step, epoch, epoch_step = restore_run(resume, latest, nets, opts, fast, steps_per_epoch,
                                               world)
+        if tests is not None:
+            tests.last, tests.best = resume.get("last"), resume.get("best")   # scores so far
+
+    def position() -> dict:             # what ckpt_latest.pt holds besides weights and states
+        return dict(step=step, epoch=epoch, epoch_step=epoch_step, world=world,
+                    last=tests and tests.last, best=tests and tests.best)
     if world > 1:                                             # own patch ids, noise, flips (F19)
         seed_everything(cfg.seed + 1000 * rank + step)
         for opt in opts.values():
@@ -2268,8 +2234,8 @@ def train(cfg: TrainConfig, origin: dict, argv: list) -> int:
         write_run_info(run_dir, cfg, device, argv)
     total_steps = min(cfg.total_epochs * steps_per_epoch, cfg.max_steps or math.inf)
     say(describe_config(cfg, origin))
-    say("networks: " + ", ".join(f"{k} {count_parameters(v) / 1e6:.3f}M" for k, v in nets.items()
-                                 if count_parameters(v)))
+    sizes = {k: sum(p.numel() for p in v.parameters()) for k, v in nets.items()}
+    say("networks: " + ", ".join(f"{k} {n / 1e6:.3f}M" for k, n in sizes.items() if n))
     batch = (f"batch {cfg.batch_size}" if world == 1 else f"batch {cfg.batch_size} per process × "
              f"{world} processes = {cfg.batch_size * world} (the papers used 1; lr not scaled)")
     say(f"data: {len(dataset.files_a)} A, {len(dataset.files_b)} B images, {steps_per_epoch} "
@@ -2278,6 +2244,9 @@ def train(cfg: TrainConfig, origin: dict, argv: list) -> int:
     say(f"schedule: lr {cfg.lr:g} for epochs 1-{cfg.n_epochs}, then linear decay over "
         f"{cfg.n_epochs_decay} epochs{' without random crops' if not cfg.crop_in_decay else ''}; "
         f"{total_steps} steps in all" + (f", resuming at step {step}" if step else ""))
+    if tests is not None:
+        say(f"eval: every {cfg.eval_freq} epoch(s), {len(tests.files[0])} + {len(tests.files[1])} "
+            f"test images{' (paired)' * tests.paired}; ckpt_best.pt by {tests.metric}")
     if origin.get("dataroot") not in ("flag", "stored"):
         say(f"No --dataroot: training on the bundled set in {BUNDLED_DATA} with demo settings. "
             f"Watch {run_dir / 'samples'}: a 2-core CPU shows the translation within ~10 minutes.")
@@ -2336,10 +2305,11 @@ def train(cfg: TrainConfig, origin: dict, argv: list) -> int:
                     save_checkpoint(run_dir / f"ckpt_epoch_{epoch:03d}.pt", nets, cfg)
                     save_samples(nets, samples, cfg, device,
                                  run_dir / "samples" / f"epoch_{epoch:03d}.png")
+                if tests is not None and epoch % cfg.eval_freq == 0:
+                    tests.score(nets, cfg, log, step, epoch, run_dir)
                 epoch, epoch_step = epoch + 1, 0
             if master and step % cfg.save_latest_freq == 0:
-                save_checkpoint(latest, nets, cfg, opts, dict(step=step, epoch=epoch,
-                                                              epoch_step=epoch_step, world=world))
+                save_checkpoint(latest, nets, cfg, opts, position())
             if finished or halt:
                 break
     finally:
@@ -2351,8 +2321,7 @@ def train(cfg: TrainConfig, origin: dict, argv: list) -> int:
 
     # 8. The end: a checkpoint to continue from, the last samples, the command that continues.
     if master:
-        save_checkpoint(latest, nets, cfg, opts, dict(step=step, epoch=epoch,
-                                                      epoch_step=epoch_step, world=world))
+        save_checkpoint(latest, nets, cfg, opts, position())
         save_samples(nets, samples, cfg, device, run_dir / "samples" / "latest.png")
         resume_cmd = shlex.join(["python", "dcl.py", "train", "--name", cfg.name,
                                  "--checkpoints_dir", cfg.checkpoints_dir, "--continue_train"])
@@ -2362,6 +2331,10 @@ def train(cfg: TrainConfig, origin: dict, argv: list) -> int:
         print(f"stopped by signal {halt} at step {step}; checkpoint saved. Resume with:\n  "
               f"{resume_cmd}" if halt else f"done: {step} steps; checkpoint {latest}, samples in "
               f"{run_dir / 'samples'}. To train longer: {resume_cmd} {more}")
+        if tests is not None and tests.best:
+            last, best = tests.last, tests.best
+            print(f"eval ({tests.metric}): last {last['value']:.4g} at epoch {last['epoch']}; best "
+                  f"{best['value']:.4g} at epoch {best['epoch']}, kept in {run_dir}/ckpt_best.pt")
     if world > 1:                       # leave together, after rank 0 saved: torchrun stops every
         dist.barrier()                  # process once one ends, and gloo may abort a lone teardown
     return 128 + halt if halt and master else 0
@@ -2396,8 +2369,7 @@ def report(meter, log, cfg, step, epoch, epoch_step, steps_per_epoch, total_step
 
 
 def install_stop_handlers() -> dict:
-    """Ctrl-C/SIGTERM: stop after this step and save; a second Ctrl-C: at once.
-    stop["restore"]() puts the previous handlers back."""
+    """Ctrl-C/SIGTERM: stop after this step and save; twice: at once. stop["restore"]()."""
     stop = {"signal": 0, "restore": lambda: None}
 
     def handler(signum, frame):
@@ -2415,16 +2387,16 @@ def install_stop_handlers() -> dict:
 # -----------------------------------------------------------------------------
 # 16. Checkpoints
 # -----------------------------------------------------------------------------
-# One file holds a run: every network, every optimiser state, the counters, the
-# RNG states and the resolved config (official: one weights file per network and
-# nothing else, F10). It is written atomically and loaded with weights_only=True,
-# so it never runs code. Continuing a run may change only the schedule and
-# plumbing settings in RESUMABLE; translate rebuilds G from the stored config.
+# One file holds a run: every network and optimiser state, the counters, the RNG
+# states and the config (official: one weights file per network, F10), written
+# atomically and loaded with weights_only=True, so it never runs code. Continuing
+# may change only the settings in RESUMABLE; translate rebuilds G from the config.
 
 CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "dcl.py checkpoint", 1
 RESUMABLE = {"n_epochs", "n_epochs_decay", "max_steps", "device", "num_threads", "print_freq",
              "display_freq", "save_latest_freq", "save_epoch_freq", "continue_train",
-             "deterministic", "checkpoints_dir", "dataroot", "vgg_weights", "fast", "compile"}
+             "deterministic", "checkpoints_dir", "dataroot", "vgg_weights", "fast", "compile",
+             "eval_freq", "inception_weights"}
 
 
 def rng_state() -> dict:
@@ -2545,9 +2517,8 @@ def resume_config(ckpt: dict, cfg: TrainConfig, origin: dict, path: Path) -> Tra
 # multiple of 4 (two halvings and two doublings), translate, crop back (F8).
 
 def load_generator(path, mode: str | None, direction: str, device) -> nn.Module:
-    """A trained G from a dcl.py checkpoint (config inside; --direction picks
-    G_ab or G_ba in two-generator modes), or an official generator state dict
-    (`latest_net_G.pth`, `latest_net_G_A.pth`, ...) given the --mode that made it."""
+    """A trained G from a dcl.py checkpoint (--direction: G_ab or G_ba), or from an
+    official state dict (`latest_net_G.pth`, `latest_net_G_A.pth`, ...) and --mode."""
     ckpt = read_checkpoint(path)
     if ckpt.get("format") == CHECKPOINT_FORMAT:
         mode, cfg, nets = ckpt["mode"], stored_config(ckpt, path), ckpt["nets"]
@@ -2571,8 +2542,7 @@ def load_generator(path, mode: str | None, direction: str, device) -> nn.Module:
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """3×h×w in [−1, 1] -> h×w×3 uint8 exactly as the official tensor2im:
-    (x + 1)/2·255, truncated, not rounded."""
+    """3×h×w in [−1, 1] -> h×w×3 uint8 as the official tensor2im: (x + 1)/2·255, truncated."""
     array = (image.float().clamp(-1, 1).cpu().numpy().transpose(1, 2, 0) + 1) / 2.0 * 255.0
     return array.astype(np.uint8)
 
@@ -2598,22 +2568,29 @@ def prepared_input(path: Path, resize: int, max_side: int) -> Image.Image:
     return img
 
 
-@torch.no_grad()
 def translate(args) -> int:
     device = pick_device(args.device)
     input_path, output = Path(args.input), Path(args.output)
     if not input_path.exists():
         raise UserError(f"--input {input_path} does not exist")
-    files = [input_path] if input_path.is_file() else find_images(input_path)
-    if not files:
-        raise UserError(f"no images in {input_path} (looked for {' '.join(IMAGE_EXTENSIONS)}, "
-                        "any case)")
+    files = [input_path] if input_path.is_file() else find_images(input_path, least=1)
     if input_path.is_dir() and output.resolve() == input_path.resolve():
         raise UserError(f"--output {output} is the input folder; choose another")
     G = load_generator(args.checkpoint, args.mode, args.direction, device)
     start = time.perf_counter()
+    translate_files(G, files, input_path, output, device, args.resize, args.max_side)
+    rate = len(files) / (time.perf_counter() - start)
+    print(f"translated {len(files)} image{'s' * (len(files) != 1)} into {output} "
+          f"({rate:.2f} images/s, reading and writing included)")
+    return 0
+
+
+@torch.no_grad()
+def translate_files(G, files: list, input_path: Path, output: Path, device, resize: int = 0,
+                    max_side: int = 0) -> None:
+    """Each file through G, written as a PNG under output (output_paths)."""
     for path, target in zip(files, output_paths(files, input_path, output)):
-        x = to_tensor(prepared_input(path, args.resize, args.max_side))[None].to(device)  # 1×3×h×w
+        x = to_tensor(prepared_input(path, resize, max_side))[None].to(device)  # 1×3×h×w
         h, w = x.shape[2:]
         if min(h, w) < 8:
             raise UserError(f"{path} is {w}x{h}; images need at least 8 pixels per side")
@@ -2630,20 +2607,214 @@ def translate(args) -> int:
             Image.fromarray(to_uint8(translated)).save(target)
         except OSError as error:
             raise UserError(f"cannot write {target}: {error.strerror or error}") from None
-    rate = len(files) / (time.perf_counter() - start)
-    print(f"translated {len(files)} image{'s' * (len(files) != 1)} into {output} "
-          f"({rate:.2f} images/s, reading and writing included)")
+
+
+# -----------------------------------------------------------------------------
+# 18. Evaluation: FID, KID and paired scores
+# -----------------------------------------------------------------------------
+# The papers report FID, the Fréchet distance between Gaussians fitted to
+# Inception-v3 pool features of the translated and of the real target test
+# images, as the pytorch-fid package computes it (its network and weights, 2048-d,
+# 299² bilinear); another network or resize gives an incomparable number. Below
+# 2,048 images FID is biased upwards; KID, unbiased, stands beside it. A paired
+# test split (testA/x and testB/x one scene, as in the bundled data) also gives
+# PSNR and MAE, with no weights file. Papers report the best score seen during
+# training (train --eval_freq keeps that checkpoint), not the last.
+
+FID_FILE = "pt_inception-2015-12-05-6726825d.pth"         # pytorch-fid's weights file
+FID_GET = "pip install pytorch-fid and run `python -m pytorch_fid DIR1 DIR2` on any two folders"
+FID_BLOCKS = ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
+              "Mixed_7b", "Mixed_7c")
+
+
+def local_weights(given: str, name: str, user: str, flag: str, recipe: str) -> Path | None:
+    """The weights file `name`: the path given with `flag`, else torch hub's cache
+    (torchvision's and pytorch-fid's); None for 'random'. Never downloaded."""
+    path = Path(given) if given else Path(torch.hub.get_dir()) / "checkpoints" / name
+    if given != "random" and not path.is_file():
+        raise UserError(f"{user}: no {name} at {path}. Nothing is downloaded: on a "
+                        f"networked machine {recipe} once, then copy the file to {path.parent} "
+                        f"or pass {flag} PATH")
+    return None if given == "random" else path
+
+
+def tf_pooled(block: nn.Module, pool: Callable, x: torch.Tensor) -> torch.Tensor:
+    """A torchvision Inception block whose pooling branch pools as the TensorFlow
+    graph of the FID weights does (the block's own pooled branch is dropped)."""
+    return torch.cat(block._forward(x)[:-1] + [block.branch_pool(pool(x))], 1)
+
+
+class FIDInception(nn.Module):
+    """pytorch-fid's Inception-v3, images -> N×2048 float64 features: torchvision's
+    with 1,008 classes and pytorch-fid's changes: the A, C and first E blocks
+    average-pool over pixels inside the image only (as TensorFlow pads), the last
+    E block max-pools. Each image (3×h×w in [0, 1], any size) is resized to 299²
+    bilinearly (align_corners=False) and mapped to [−1, 1], 50 at a time."""
+
+    def __init__(self, weights: str):
+        super().__init__()
+        from torchvision.models import inception_v3
+        path = local_weights(weights, FID_FILE, "FID and KID", "--inception_weights", FID_GET)
+        with torch.random.fork_rng(devices=[]):               # leaves the training RNG as it was
+            self.net = inception_v3(num_classes=1008, aux_logits=False, init_weights=False)
+        pools = (partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1, count_include_pad=False),
+                 partial(F.max_pool2d, kernel_size=3, stride=1, padding=1))
+        for name in FID_BLOCKS:
+            block = getattr(self.net, name)
+            block.forward = partial(tf_pooled, block, pools[name == "Mixed_7c"])
+        if path is not None:
+            load_state(self.net, read_checkpoint(path), f"{path} (Inception-v3)")
+        self.net.fc = nn.Identity()                           # the features, not the classes
+        self.requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def forward(self, images, batch: int = 50) -> torch.Tensor:
+        device, images, features = next(self.parameters()).device, iter(images), []
+        while chunk := list(itertools.islice(images, batch)):
+            x = torch.cat([F.interpolate(x[None].to(device), size=(299, 299), mode="bilinear",
+                                         align_corners=False) for x in chunk])
+            features.append(self.net(2 * x - 1).double().cpu())
+        return torch.cat(features)
+
+
+def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
+    """FID = ‖μ1 − μ2‖² + tr Σ1 + tr Σ2 − 2·tr (Σ1 Σ2)^½ of N×d features, in float64,
+    covariances over N − 1. Σ1 Σ2 has the eigenvalues of the symmetric Σ1^½ Σ2 Σ1^½:
+    tr (Σ1 Σ2)^½ = Σ √eig, rounding's negative eigenvalues (rank-deficient Σ) as 0."""
+    f1, f2 = f1.double(), f2.double()
+    s1, s2 = torch.cov(f1.T), torch.cov(f2.T)
+    w, v = torch.linalg.eigh(s1)
+    root = v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T       # Σ1^½
+    cross = torch.linalg.eigvalsh(root @ s2 @ root).clamp(min=0).sqrt().sum()
+    return float((f1.mean(0) - f2.mean(0)).square().sum() + s1.trace() + s2.trace() - 2 * cross)
+
+
+def kernel_inception_distance(f1: torch.Tensor, f2: torch.Tensor, subsets: int = 100,
+                              size: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """KID, the unbiased MMD² with k(x, y) = (x·y/d + 1)³ on random subsets of
+    m = min(size, N1, N2) features per side (without replacement), (mean, std):
+      MMD² = Σ_{i≠j} k(x_i, x_j)/(m(m − 1)) + Σ_{i≠j} k(y_i, y_j)/(m(m − 1))
+             − 2·Σ_{i,j} k(x_i, y_j)/m²   (two sets of m images: std 0)"""
+    f1, f2 = f1.double(), f2.double()
+    m, generator, values = min(size, len(f1), len(f2)), torch.Generator().manual_seed(seed), []
+    for _ in range(subsets):
+        x = f1[torch.randperm(len(f1), generator=generator)[:m]]
+        y = f2[torch.randperm(len(f2), generator=generator)[:m]]
+        kxx, kyy, kxy = ((a @ b.T / f1.shape[1] + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+        values.append((kxx.sum() - kxx.trace() + kyy.sum() - kyy.trace()) / (m * (m - 1))
+                      - 2 * kxy.mean())
+    return float(torch.stack(values).mean()), float(torch.stack(values).std(unbiased=False))
+
+
+def paired_scores(pairs) -> dict:
+    """Each (fake, real) pair of 3×h×w images in [0, 1] scored, then averaged over
+    pairs: PSNR = 10·log10(1/MSE) dB (peak 1, at most 100) and MAE = mean|fake − real|."""
+    errors = [fake.double() - real.double() for fake, real in pairs]
+    psnr = [10 * math.log10(1 / max(float(e.square().mean()), 1e-10)) for e in errors]
+    return dict(psnr=sum(psnr) / len(psnr), mae=sum(float(e.abs().mean()) for e in errors)
+                / len(errors))
+
+
+def unit_image(path: Path, size: tuple | None = None) -> torch.Tensor:
+    """An image file -> 3×h×w in [0, 1], resized (bicubic) to size = (w, h) if given."""
+    img = load_rgb(path)
+    if size not in (None, img.size):
+        img = img.resize(size, Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255
+
+
+def score_folders(fake_dir: Path, real_dir: Path, paired: bool, net: FIDInception | None,
+                  real_features: torch.Tensor | None = None) -> dict:
+    """FID and KID of the images below fake_dir against real_dir's (with a network);
+    if paired, PSNR and MAE against the real of the same name, at the fake's size."""
+    fakes, reals = (find_images(d, 2, f" ({what}; FID and KID need 2 or more)")
+                    for d, what in ((fake_dir, "fakes"), (real_dir, "reals")))
+    scores = dict(n_fake=len(fakes), n_real=len(reals))
+    if paired:
+        by_name = {p.relative_to(real_dir).with_suffix(""): p for p in reals}
+        names = [p.relative_to(fake_dir).with_suffix("") for p in fakes]
+        missing = [str(n) for n in names if n not in by_name]
+        if missing:
+            raise UserError(f"--paired: {len(missing)} of {len(fakes)} images in {fake_dir} have "
+                            f"no counterpart of the same name in {real_dir}, e.g. {missing[0]}")
+        scores.update(paired_scores((x, unit_image(by_name[n], x.shape[:0:-1]))
+                                    for x, n in zip(map(unit_image, fakes), names)))
+    if net is not None:
+        fake_features = net(map(unit_image, fakes))
+        real_features = net(map(unit_image, reals)) if real_features is None else real_features
+        kid, kid_std = kernel_inception_distance(fake_features, real_features)
+        scores.update(fid=frechet_distance(fake_features, real_features), kid=kid, kid_std=kid_std)
+    return scores
+
+
+def evaluate(args) -> int:
+    """eval: a JSON line on stdout, a readable one on stderr; --paired needs no weights."""
+    try:
+        net, note = FIDInception(args.inception_weights).to(pick_device(args.device)), ""
+    except UserError as error:
+        if not args.paired or not str(error).startswith("FID and KID:"):
+            raise
+        net, note = None, f" (no FID, KID: {error})"
+    scores = score_folders(Path(args.fake), Path(args.real), args.paired, net)
+    print(json.dumps(scores), flush=True)
+    print(" ".join(f"{k} {v:.4g}" for k, v in scores.items()) + note, file=sys.stderr)
     return 0
 
 
+class TestSplit:
+    """The test split scored during training (--eval_freq) as the official test and
+    eval would: each G translates its test folder at crop_size² into run_dir/eval/,
+    scored against the other (PSNR and MAE if paired: the same names both sides)."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        self.folders = domain_folders(cfg, "test")
+        self.files = [find_images(f, 2, " (--eval_freq needs 2 or more test images per domain)")
+                      for f in self.folders]
+        names = [[p.relative_to(f).with_suffix("") for p in fs]
+                 for f, fs in zip(self.folders, self.files)]
+        self.paired, self.device, self.last, self.best = names[0] == names[1], device, None, None
+        if cfg.eval_metric == "psnr" and not self.paired:
+            raise UserError(f"--eval_metric psnr: the test split in {cfg.dataroot} is not paired "
+                            "(testA and testB file names differ)")
+        try:
+            self.net = FIDInception(cfg.inception_weights).to(device)
+        except UserError:               # no weights in the cache: paired scores only, if paired
+            if cfg.inception_weights or cfg.eval_metric in ("fid", "kid") or not self.paired:
+                raise
+            self.net = None
+        self.metric = {"auto": "fid" if self.net else "psnr"}.get(cfg.eval_metric, cfg.eval_metric)
+        self.real = [self.net(map(unit_image, fs)) if self.net else None for fs in self.files]
+
+    def score(self, nets: dict, cfg: TrainConfig, log, step: int, epoch: int, run_dir: Path):
+        """Score each direction, log the scores, keep ckpt_best.pt by the metric of A to B."""
+        scores = {}
+        for suffix, name, source in (("", "G" if "G" in nets else "G_ab", 0), ("_BtoA", "G_ba", 1)):
+            if name in nets:
+                out = run_dir / "eval" / ("BtoA" if suffix else "AtoB")
+                translate_files(nets[name], self.files[source], self.folders[source], out,
+                                self.device, resize=cfg.crop_size)
+                scores.update({k + suffix: v for k, v in score_folders(
+                    out, self.folders[1 - source], self.paired, self.net,
+                    self.real[1 - source]).items() if not k.startswith("n_")})
+        log.write(json.dumps(dict(step=step, epoch=epoch, eval=scores)) + "\n")
+        log.flush()
+        self.last = dict(metric=self.metric, value=scores[self.metric], epoch=epoch)
+        sign, best = 1 if self.metric == "psnr" else -1, self.best or {}     # PSNR: higher wins
+        if best.get("metric") != self.metric or sign * self.last["value"] > sign * best["value"]:
+            self.best = self.last
+            save_checkpoint(run_dir / "ckpt_best.pt", nets, cfg)
+        print(f"eval at epoch {epoch}: " + " ".join(f"{k} {v:.4g}" for k, v in scores.items())
+              + f"; best {self.metric} {self.best['value']:.4g} at epoch {self.best['epoch']}",
+              flush=True)
+
+
 # -----------------------------------------------------------------------------
-# 18. Bench
+# 19. Bench
 # -----------------------------------------------------------------------------
 # Times the real training step (MODES[mode].step, under train's autocast) on
 # random batches: no data loading, warm-up steps (cuDNN autotuning, compilation),
-# then timed steps between synchronisations. FLOPs are counted by
-# torch.utils.flop_counter on the first step; the device's matmul rate, measured
-# in the same run, is the ceiling.
+# then timed steps between synchronisations. torch.utils.flop_counter counts the
+# FLOPs of the first step; the device's matmul rate, measured here, is the ceiling.
 
 def matmul_tflops(device: torch.device, sync) -> tuple[float, str]:
     """Measured matrix-multiply rate (n×n @ n×n is 2n³ operations): bf16 on a GPU,
@@ -2659,10 +2830,6 @@ def matmul_tflops(device: torch.device, sync) -> tuple[float, str]:
         a @ b
     sync()
     return 2 * size ** 3 * reps / (time.perf_counter() - start) / 1e12, str(dtype).split(".")[1]
-
-
-def significant(x: float) -> float:
-    return float(f"{x:.4g}")                                  # 4 significant digits
 
 
 def bench(flags: dict, modes: list, steps: int, warmup: int) -> int:
@@ -2697,13 +2864,14 @@ def bench(flags: dict, modes: list, steps: int, warmup: int) -> int:
         seconds, tflop = (time.perf_counter() - start) / steps, flops.get_total_flops() / 1e12
         if not all(math.isfinite(float(v)) for v in losses.values()):
             raise UserError(f"bench {mode}: a loss is not finite")
-        peak = significant(torch.cuda.max_memory_allocated(device) / 1e9) if cuda else None
+        peak = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None
         row = dict(mode=mode, device=torch.cuda.get_device_name(device) if cuda else "cpu",
                    torch=torch.__version__, batch_size=cfg.batch_size, crop_size=cfg.crop_size,
-                   fast=fast, compile=cfg.compile, s_per_iter=significant(seconds),
-                   images_per_s=significant(cfg.batch_size / seconds),
-                   tflop_per_iter=significant(tflop), tflops=significant(tflop / seconds),
-                   matmul_tflops=significant(ceiling), matmul_dtype=dtype, peak_memory_gb=peak)
+                   fast=fast, compile=cfg.compile, s_per_iter=seconds,
+                   images_per_s=cfg.batch_size / seconds, tflop_per_iter=tflop,
+                   tflops=tflop / seconds, matmul_tflops=ceiling, matmul_dtype=dtype,
+                   peak_memory_gb=peak)
+        row = {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in row.items()}
         print(f"{mode:<10} {seconds:.4f} s/iter {row['images_per_s']:8.2f} images/s  "
               f"{tflop:.4g} TFLOP/iter {tflop / seconds:.4g} TFLOP/s = "
               f"{tflop / seconds / ceiling:.0%} of {dtype} matmul", file=sys.stderr)
@@ -2712,14 +2880,13 @@ def bench(flags: dict, modes: list, steps: int, warmup: int) -> int:
 
 
 # -----------------------------------------------------------------------------
-# 19. torchrun
+# 20. torchrun
 # -----------------------------------------------------------------------------
-# `torchrun --nproc_per_node=N dcl.py train ...` runs N copies of this program;
-# each finds RANK, LOCAL_RANK and WORLD_SIZE in its environment (F19). They build
+# `torchrun --nproc_per_node=N dcl.py train ...` runs N copies of this program,
+# each with RANK, LOCAL_RANK and WORLD_SIZE in its environment (F19). They build
 # the same networks from one seed, each takes its share of every epoch (§13) and
-# draws its own patch ids, noise and flips, and before every optimiser step the
-# gradients are averaged over the processes, so the weights stay identical. Only
-# rank 0 prints and writes files.
+# draws its own patch ids, noise and flips; gradients are averaged before every
+# optimiser step, so the weights stay identical. Only rank 0 prints and writes.
 
 def setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     """Under torchrun (RANK in the environment) join the process group: NCCL
@@ -2734,10 +2901,9 @@ def setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:
 
 
 def average_gradients(opt: torch.optim.Optimizer, args=(), kwargs=None) -> None:
-    """Before every optimiser step under torchrun: each gradient becomes its mean
-    over the processes (one flat all-reduce). DDP's arithmetic without its wrapper,
-    whose one-forward-per-backward rule the GAN steps break (a frozen D in the G
-    step, encoder passes outside forward); StyleGAN2-ADA does the same."""
+    """Before every optimiser step under torchrun, each gradient becomes its mean over
+    the processes (one flat all-reduce): DDP's arithmetic without its wrapper, whose
+    one-forward-per-backward rule the GAN steps break; StyleGAN2-ADA does the same."""
     grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
     if grads:
         flat = torch.cat([g.flatten() for g in grads]).div_(dist.get_world_size())
@@ -2747,7 +2913,7 @@ def average_gradients(opt: torch.optim.Optimizer, args=(), kwargs=None) -> None:
 
 
 # -----------------------------------------------------------------------------
-# 20. Command line
+# 21. Command line
 # -----------------------------------------------------------------------------
 # train and bench get one flag per TrainConfig field, generated from the
 # dataclass, with the official spelling; translate has its own few.
@@ -2766,8 +2932,7 @@ def parse_bool(text: str) -> bool:
 
 
 def add_config_flags(sub: argparse.ArgumentParser, modes: tuple) -> None:
-    """One flag per config field, named as the official flag; --flag, --flag true
-    and --flag false for booleans."""
+    """One flag per config field, named as officially; booleans: --f, --f true, --f false."""
     for f in fields(TrainConfig):
         kw = dict(dest=f.name, default=argparse.SUPPRESS,
                   help=f.metadata["help"] + f" (default {f.default!r})")
@@ -2784,25 +2949,27 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     train_parser = commands.add_parser("train", help="train a model (see --mode)")
     add_config_flags(train_parser, tuple(MODES))
-    bench_parser = commands.add_parser("bench", help="time the training step of one mode or all "
+    bench_parser = commands.add_parser("bench", help="time the training step of a mode or all "
                                        "(random batches; default batch 1 at 256x256)")
     add_config_flags(bench_parser, (*MODES, "all"))
     bench_parser.add_argument("--steps", type=int, default=20, help="timed steps per mode")
     bench_parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     tr = commands.add_parser("translate", help="translate an image or a folder with a trained G")
-    tr.add_argument("--checkpoint", required=True, help="a dcl.py checkpoint, or an official "
-                    "latest_net_G.pth with --mode")
+    tr.add_argument("--checkpoint", required=True, help="dcl.py checkpoint or official *_net_G.pth")
     tr.add_argument("--input", required=True, help="an image, or a folder (searched recursively)")
-    tr.add_argument("--output", required=True, help="folder for the results (relative paths "
-                    "kept, written as .png)")
-    tr.add_argument("--mode", choices=tuple(MODES), default=None,
-                    help="the method an official state dict came from")
+    tr.add_argument("--output", required=True, help="results folder (PNGs, relative paths kept)")
+    tr.add_argument("--mode", choices=tuple(MODES), help="the method of an official state dict")
     tr.add_argument("--direction", choices=("AtoB", "BtoA"), default="AtoB")
-    tr.add_argument("--max_side", type=int, default=0, help="shrink larger images so their "
-                    "longer side is this many pixels (0 = never)")
-    tr.add_argument("--resize", type=int, default=0, help="resize to this square first "
-                    "(256 = the official test protocol); 0 = native resolution")
-    tr.add_argument("--device", default="auto")
+    tr.add_argument("--max_side", type=int, default=0, help="shrink to this longer side (0: never)")
+    tr.add_argument("--resize", type=int, default=0, help="resize to this square first (256: the "
+                    "official test protocol; 0: native size)")
+    ev = commands.add_parser("eval", help="FID and KID of two folders (pytorch-fid's protocol)")
+    ev.add_argument("--fake", required=True, help="translated images (searched recursively)")
+    ev.add_argument("--real", required=True, help="real images of the target domain")
+    ev.add_argument("--paired", action="store_true", help="also PSNR, MAE against same-name reals")
+    ev.add_argument("--inception_weights", default="", help=f"{FID_FILE} ('random': for tests)")
+    for sub in (tr, ev):
+        sub.add_argument("--device", default="auto")
     return parser
 
 
@@ -2810,8 +2977,8 @@ def main(argv: list | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "translate":
-            return translate(args)
+        if args.command in ("translate", "eval"):
+            return translate(args) if args.command == "translate" else evaluate(args)
         flags = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
                  if hasattr(args, f.name)}
         if args.command == "bench":

@@ -168,6 +168,10 @@ def runs(tmp_path_factory, data):
 # networks (§1-§4, §6, §9)
 # -----------------------------------------------------------------------------
 
+def count_parameters(net):
+    return sum(p.numel() for p in net.parameters())
+
+
 def weight_and_bias(key, shape):
     return {f"{key}.weight": shape, f"{key}.bias": shape[:1]}
 
@@ -182,7 +186,7 @@ def test_parameter_counts_at_official_sizes():
         G, D = dcl.Generator(64), dcl.Discriminator(64)
         H5 = dcl.ProjectionHead(G.tap_channels((0, 4, 8, 12, 16)), 256)
         H4 = dcl.ProjectionHead(G.tap_channels((4, 8, 12, 16)), 256)
-    assert [dcl.count_parameters(net) for net in (G, D, H5, H4)] == \
+    assert [count_parameters(net) for net in (G, D, H5, H4)] == \
         [11_378_179, 2_764_737, 560_384, 493_568]
 
 
@@ -418,8 +422,8 @@ def test_two_generator_parameter_counts_at_official_sizes():
                 dcl.resolve_config({"mode": mode, "dataroot": "x"})[0], "meta"
             )
             assert list(nets) == list(dcl.MODES[mode].networks)
-            totals[mode] = sum(dcl.count_parameters(net) for net in nets.values())
-    assert [dcl.count_parameters(net) for net in (G, D, M)] == [11_378_179, 2_764_737, 10_688]
+            totals[mode] = sum(count_parameters(net) for net in nets.values())
+    assert [count_parameters(net) for net in (G, D, M)] == [11_378_179, 2_764_737, 10_688]
     assert totals == {"cyclegan": 28_285_832, "dcl": 29_272_968, "simdcl": 29_315_720}
 
 
@@ -1327,7 +1331,7 @@ def test_translate_never_overwrites_its_own_output(runs, data, tmp_path, capsys)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.jpg.png", "x.png.png"]
 
 # -----------------------------------------------------------------------------
-# command line: errors, --help, size (§12, §20)
+# command line: errors, --help, size (§12, §21)
 # -----------------------------------------------------------------------------
 
 def bad_input(case, tmp_path, data, runs):
@@ -1384,7 +1388,7 @@ def bad_input(case, tmp_path, data, runs):
                                   "crop_too_small", "bench_no_steps", "resume_with_other_world",
                                   "empty_input"])
 def test_bad_input_is_one_line_and_exit_2(case, tmp_path, data, runs, capsys):
-    """§20: every mistake in the command, data or files exits with status 2 and
+    """§21: every mistake in the command, data or files exits with status 2 and
     one stderr line "error: ..." naming the path or flag, without a traceback.
     Run in-process through dcl.main (the same code path as the command line;
     all of these fail before training starts) to keep the suite fast.
@@ -1462,7 +1466,7 @@ def test_corrupt_image_is_skipped_and_counted(data, tmp_path, capsys):
 
 
 def test_help_lists_every_config_field(capsys):
-    """§20: `train --help` has one flag per TrainConfig field."""
+    """§21: `train --help` has one flag per TrainConfig field."""
     code, out, _ = main_in_process(capsys, "train", "--help")
     assert code == 0
     flags = set(re.findall(r"(?m)^\s+--(\w+)", out))
@@ -1507,9 +1511,9 @@ def test_line_budget_and_tutorial_shape():
     """The size rule: dcl.py holds at most 1,650 code lines and 3,000 lines in
     all, no line longer than 100 characters, and no reference to a document the
     repository does not ship; nor has test_dcl.py. It reads as a tutorial:
-    sections 1-11 (Part I, the methods) before 12-20 (Part II), each Part I section at least 45%
+    sections 1-11 (Part I, the methods) before 12-21 (Part II), each Part I section at least 45%
     explanation, the file at least 35%; the module docstring lists a reading
-    path for every method, and every note F1-F22 it defines."""
+    path for every method, and every note F1-F23 it defines."""
     text = Path(dcl.__file__).read_text()
     kinds = line_kinds(text)
     assert kinds.count("code") <= 1650 and len(kinds) <= 3000
@@ -1520,7 +1524,7 @@ def test_line_budget_and_tutorial_shape():
     assert max(len(line) for line in tests.splitlines()) <= 100 and not re.search(unshipped, tests)
     shares = section_shares(text)
     numbers = [int(t.split(".")[0]) for t in shares]
-    assert numbers == list(range(21))
+    assert numbers == list(range(22))
     part_one = {t: v for t, v in shares.items() if 1 <= int(t.split(".")[0]) <= 11}
     assert all(v >= 0.45 for v in part_one.values()), part_one
     explained = sum(kinds.count(k) for k in ("doc", "comment"))
@@ -1532,7 +1536,7 @@ def test_line_budget_and_tutorial_shape():
     assert all(re.search(rf"^  {name}\s", paths, re.M) for name in
                ("CUT", "FastCUT", "NEGCUT", "FastNEGCUT", "DCLGAN", "SimDCL", "Hneg-SRC",
                 "QS-Attn", "CycleGAN"))
-    assert all(f"  F{i} " in dcl.__doc__ for i in range(1, 23))
+    assert all(f"  F{i} " in dcl.__doc__ for i in range(1, 24))
 
 
 # -----------------------------------------------------------------------------
@@ -1558,10 +1562,10 @@ def test_negative_generator_parameters_and_keys():
         nets = dcl.build_networks(
             dcl.resolve_config({"mode": "negcut", "dataroot": "x"})[0], "meta"
         )
-    assert shapes(N) == expected and dcl.count_parameters(N) == 739_840
+    assert shapes(N) == expected and count_parameters(N) == 739_840
     assert list(nets) == ["G", "D", "H", "N", "H_ema"] and shapes(nets["N"]) == expected
     trained = sum(p.numel() for net in nets.values() for p in net.parameters() if p.requires_grad)
-    assert trained == 15_443_140 and dcl.count_parameters(nets["H_ema"]) == 560_384
+    assert trained == 15_443_140 and count_parameters(nets["H_ema"]) == 560_384
     assert not any(p.requires_grad for p in nets["H_ema"].parameters())
 
 
@@ -1941,7 +1945,7 @@ def test_perceptual_loss_with_random_weights(fast_vgg, random_vgg16):
     vgg = dcl.Perceptual("random")
     reference = random_vgg16.features[:23]
     assert [type(m) for m in vgg.features] == [type(m) for m in reference]
-    assert shapes(vgg.features) == shapes(reference) and dcl.count_parameters(vgg) == 7_635_264
+    assert shapes(vgg.features) == shapes(reference) and count_parameters(vgg) == 7_635_264
     assert dcl.VGG_LAYERS == {"relu1_2": 3, "relu2_2": 8, "relu3_3": 15, "relu4_3": 22}
     assert dcl.VGG_WEIGHTS == {
         "relu1_2": 1 / 16,
@@ -2326,7 +2330,7 @@ def test_train_with_hard_negatives(mode, runs, data, tmp_path, capsys):
 
 
 # -----------------------------------------------------------------------------
-# hardening: signals, kill -9, NaN, bad input, checkpoints (§15-§17, §20)
+# hardening: signals, kill -9, NaN, bad input, checkpoints (§15-§17, §21)
 # -----------------------------------------------------------------------------
 
 def start_training(root: Path, name: str, data: Path, *extra):
@@ -2521,9 +2525,9 @@ def test_nan_loss_stops_before_any_checkpoint_of_it(nan_step, data, tmp_path, ca
 def test_checkpoint_contents_load_weights_only(mode, runs):
     """§16: every mode's ckpt_latest.pt loads with torch.load(weights_only=True) (tensors
     and plain values only) and holds exactly format, version, mode, config, nets,
-    optimizers, step, epoch, epoch_step, world (processes) and rng: after
-    `--max_steps 2` on 4 items, step 2 of epoch 1; nets are the mode's networks,
-    the optimisers its families,
+    optimizers, step, epoch, epoch_step, world (processes), rng, and the last and
+    best test scores (None without --eval_freq): after `--max_steps 2` on 4 items,
+    step 2 of epoch 1; nets are the mode's networks, the optimisers its families,
     the config a complete TrainConfig, the RNG states torch, python and numpy."""
     ckpt = torch.load(runs(mode)[1] / "ckpt_latest.pt", weights_only=True)
     assert set(ckpt) == {
@@ -2538,7 +2542,10 @@ def test_checkpoint_contents_load_weights_only(mode, runs):
         "epoch_step",
         "world",
         "rng",
+        "last",
+        "best",
     }
+    assert ckpt["last"] is None and ckpt["best"] is None
     assert (
         ckpt["format"],
         ckpt["version"],
@@ -2609,7 +2616,7 @@ def file_tree(root: Path) -> dict:
                                   "translate_on_cuda", "train_on_cuda", "layers_not_ascending",
                                   "unknown_gan_mode", "ngf_changed_on_resume"])
 def test_more_bad_input_changes_no_file(case, tmp_path, data, runs, capsys):
-    """§15-§17, §20: a checkpoint cut in half, a checkpoint of version 99, a translate
+    """§15-§17, §21: a checkpoint cut in half, a checkpoint of version 99, a translate
     --output that is an existing file, --device cuda on a machine without CUDA (train
     and translate), --nce_layers 4,2, --gan_mode foo, and --ngf 16 when continuing a
     run trained with ngf 8: each exits 2 with one line "error: ..." naming the file
@@ -3031,7 +3038,7 @@ def test_query_selection_gradients_equal_a_reference_instance_norm(mode, monkeyp
 
 
 # -----------------------------------------------------------------------------
-# speed, bench and multi-process training (§2, §13-§15, §18, §19)
+# speed, bench and multi-process training (§2, §13-§15, §19, §20)
 # -----------------------------------------------------------------------------
 
 def torchrun(*args, cwd=REPO, timeout=180):
@@ -3290,7 +3297,7 @@ def ranks(script, *args, cwd):
 
 
 def test_average_gradients_keeps_the_processes_identical(tmp_path):
-    """§19 (F19): in two processes started as torchrun starts them, setup_distributed
+    """§20 (F19): in two processes started as torchrun starts them, setup_distributed
     joins a gloo group on the CPU; nets built from one seed start identical; with
     average_gradients as every optimiser's step pre-hook (as train() registers it),
     one cut_step and one dual_step on each process's own random images leave both
@@ -3316,7 +3323,7 @@ def test_average_gradients_keeps_the_processes_identical(tmp_path):
 
 
 def test_torchrun_train_writes_once_and_resumes_in_one_process(data, tmp_path, capsys):
-    """§19 (F19): `torchrun --nproc_per_node 2 dcl.py train --mode cut --max_steps 2`
+    """§20 (F19): `torchrun --nproc_per_node 2 dcl.py train --mode cut --max_steps 2`
     on 4 items runs 2 steps per epoch of batch 1 per process × 2 processes, exit 0;
     only rank 0 prints and writes: one data, schedule and closing line, one progress
     line per step, one env.txt entry, log rows for steps 1 and 2 once each, and the
@@ -3365,7 +3372,7 @@ BENCH_KEYS = {
 
 
 def test_bench_prints_one_json_line_per_mode(capsys, monkeypatch):
-    """§18: `bench` times the mode's real step (dcl.MODES[mode].step, counted here): the first
+    """§19: `bench` times the mode's real step (dcl.MODES[mode].step, counted here): the first
     call is the FLOP count, then --warmup, then --steps timed calls, and prints one
     JSON line per mode on stdout (the human line goes to stderr) with at least the
     keys mode, device, batch_size, crop_size, s_per_iter, images_per_s,
@@ -3476,3 +3483,270 @@ def test_resume_lays_adam_out_for_this_run():
 
 if __name__ == "__main__":
     pytest.main([__file__, "-q"])
+
+# -----------------------------------------------------------------------------
+# evaluation: FID, KID, paired scores, scoring during training (§18)
+# -----------------------------------------------------------------------------
+
+def features_with_stats(mean, cov, n=7, seed=0):
+    """n×d float64 features whose sample mean and (N − 1) covariance are exactly
+    mean and cov: white noise made to have mean 0 and covariance I, then coloured
+    by the Cholesky factor of cov."""
+    z = torch.randn(n, len(mean), generator=torch.Generator().manual_seed(seed),
+                    dtype=torch.float64)
+    z = z - z.mean(0)
+    z = z @ torch.linalg.inv(torch.linalg.cholesky(torch.cov(z.T))).T
+    cov, mean = torch.tensor(cov, dtype=torch.float64), torch.tensor(mean, dtype=torch.float64)
+    return z @ torch.linalg.cholesky(cov).T + mean
+
+
+def test_frechet_distance_known_answers():
+    """§18: FID = ‖μ1 − μ2‖² + tr Σ1 + tr Σ2 − 2 tr (Σ1 Σ2)^½. By hand:
+    - 2×2, Σ1 = [[2, 1], [1, 2]] (det 3), Σ2 = diag(1, 4) (det 4), which do not
+      commute: a 2×2 matrix M with real non-negative eigenvalues has
+      tr M^½ = √(tr M + 2√det M); Σ1 Σ2 = [[2, 4], [1, 8]], tr 10, det 12, so
+      tr (Σ1 Σ2)^½ = √(10 + 2√12) = 4.114385; with μ1 = 0, μ2 = (1, 2):
+      FID = 5 + 4 + 5 − 2·4.114385 = 5.771220.
+    - diagonal Σ1 = diag(1, 4, 9), Σ2 = diag(4, 4, 1), equal means: the
+      matrices commute, FID = Σ(√a − √b)² = 1 + 0 + 4 = 5.
+    - a set against itself: 0.
+    - 5 features in 8 dimensions (both covariances of rank 4, as for any test
+      set under 2,048 images): equal to the slow reference that takes the
+      square roots of the eigenvalues of the non-symmetric product Σ1 Σ2."""
+    f1 = features_with_stats([0.0, 0.0], [[2.0, 1.0], [1.0, 2.0]])
+    f2 = features_with_stats([1.0, 2.0], [[1.0, 0.0], [0.0, 4.0]], seed=1)
+    assert dcl.frechet_distance(f1, f2) == pytest.approx(5.771220, abs=1e-6)
+    f1 = features_with_stats([0.0] * 3, torch.diag(torch.tensor([1.0, 4.0, 9.0])).tolist())
+    f2 = features_with_stats([0.0] * 3, torch.diag(torch.tensor([4.0, 4.0, 1.0])).tolist(), seed=2)
+    assert dcl.frechet_distance(f1, f2) == pytest.approx(5.0, abs=1e-9)
+    assert abs(dcl.frechet_distance(f1, f1)) < 1e-9
+    g = torch.Generator().manual_seed(3)
+    f1, f2 = (torch.randn(5, 8, generator=g, dtype=torch.float64) + shift for shift in (0, 0.5))
+    s1, s2 = torch.cov(f1.T), torch.cov(f2.T)
+    roots = torch.linalg.eigvals(s1 @ s2).real.clamp(min=0).sqrt().sum()
+    reference = (f1.mean(0) - f2.mean(0)).square().sum() + s1.trace() + s2.trace() - 2 * roots
+    assert dcl.frechet_distance(f1, f2) == pytest.approx(float(reference), rel=1e-9)
+
+
+def test_kid_known_answer_and_loop_reference():
+    """§18: KID, the unbiased MMD² with k(x, y) = (x·y/d + 1)³. By hand, d = 1,
+    x = y = {0, 1}: k(0, 0) = k(0, 1) = 1, k(1, 1) = 8; the two within-set sums
+    over i ≠ j are 2·k(0, 1)/(2·1) = 1 each, the cross sum (1 + 1 + 1 + 8)·2/4 =
+    5.5: MMD² = 1 + 1 − 5.5 = −3.5 (an unbiased estimate can be negative), the
+    same in every subset. Then, for 3 subsets of 4 of 6 and 5 random features,
+    equal to a double loop over pairs on the same draws (torch.randperm from one
+    generator seeded 0, first set then second), mean and population deviation."""
+    x = torch.tensor([[0.0], [1.0]])
+    assert dcl.kernel_inception_distance(x, x, subsets=3) == (pytest.approx(-3.5), 0.0)
+    g = torch.Generator().manual_seed(4)
+    f1, f2 = torch.randn(6, 3, generator=g), torch.randn(5, 3, generator=g) + 0.3
+    draws, values = torch.Generator().manual_seed(0), []
+    for _ in range(3):
+        a = f1[torch.randperm(6, generator=draws)[:4]].double()
+        b = f2[torch.randperm(5, generator=draws)[:4]].double()
+        k = lambda u, v: (float(u @ v) / 3 + 1) ** 3
+        within = sum(k(s[i], s[j]) for s in (a, b) for i in range(4) for j in range(4) if i != j)
+        cross = sum(k(a[i], b[j]) for i in range(4) for j in range(4))
+        values.append(within / 12 - 2 * cross / 16)
+    mean, std = dcl.kernel_inception_distance(f1, f2, subsets=3, size=4)
+    assert mean == pytest.approx(np.mean(values), rel=1e-9)
+    assert std == pytest.approx(np.std(values), rel=1e-9)
+
+
+def test_paired_scores_known_answers():
+    """§18: PSNR = 10·log10(1/MSE) dB and MAE, per pair, then averaged. By hand:
+    an error of 0.1 everywhere is MSE 0.01, 20 dB, MAE 0.1; of 0.01: 40 dB, MAE
+    0.01; the two pairs together: 30 dB, MAE 0.055. Identical images: the 100 dB cap."""
+    real = torch.full((3, 4, 5), 0.5)
+    assert dcl.paired_scores([(real + 0.1, real)]) == pytest.approx(dict(psnr=20.0, mae=0.1))
+    assert dcl.paired_scores([(real + 0.1, real), (real - 0.01, real)]) == pytest.approx(
+        dict(psnr=30.0, mae=0.055))
+    assert dcl.paired_scores([(real, real)]) == dict(psnr=100.0, mae=0.0)
+
+
+def test_fid_inception_is_pytorch_fids_network():
+    """§18: pytorch-fid's changes to torchvision's Inception-v3. The pooling branch
+    of an A block averages the 3×3 window over the pixels inside the image only:
+    a hand-written window sum divided by the count of pixels inside, 4 at a
+    corner, 6 on an edge, 9 within. The last E block (Mixed_7c) max-pools: a
+    hand-written maximum over the 9 shifted copies of the -inf-padded map. The
+    state-dict keys are torchvision's for 1,008 classes without the auxiliary
+    head (the keys of pytorch-fid's file), less the classifier it drops; such a
+    file loads strictly."""
+    net = dcl.FIDInception("random")
+    block, x = net.net.Mixed_5b, torch.randn(1, 192, 7, 7)
+    window = lambda t: torch.nn.functional.conv2d(
+        torch.nn.functional.pad(t, (1, 1, 1, 1)), torch.ones(t.shape[1], 1, 3, 3),
+        groups=t.shape[1])
+    count = window(torch.ones(1, 1, 7, 7))
+    assert (count[0, 0, 0, 0], count[0, 0, 0, 3], count[0, 0, 3, 3]) == (4, 6, 9)
+    expected = torch.cat([block.branch1x1(x), block.branch5x5_2(block.branch5x5_1(x)),
+                          block.branch3x3dbl_3(block.branch3x3dbl_2(block.branch3x3dbl_1(x))),
+                          block.branch_pool(window(x) / count)], 1)
+    assert torch.allclose(block(x), expected, atol=1e-5)
+    block, x = net.net.Mixed_7c, torch.randn(1, 2048, 5, 5)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), value=-math.inf)
+    shifts = [padded[..., i:i + 5, j:j + 5] for i in range(3) for j in range(3)]
+    maximum = torch.stack(shifts).amax(0)
+    expected = torch.cat(block._forward(x)[:3] + [block.branch_pool(maximum)], 1)
+    assert torch.allclose(block(x), expected, atol=1e-5)
+    from torchvision.models import inception_v3
+    official = inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008)
+    assert set(official.state_dict()) - {"fc.weight", "fc.bias"} == set(net.net.state_dict())
+
+
+def test_fid_weights_file_loads_and_features_any_size(tmp_path):
+    """§18: a weights file in pytorch-fid's format (torchvision's keys) loads
+    strictly and its weights are used; images of any size, in one call, each
+    give 2048 float64 features; a missing file is a one-line error naming the
+    file, the path looked at and --inception_weights."""
+    from torchvision.models import inception_v3
+    torch.manual_seed(0)
+    state = inception_v3(weights=None, aux_logits=False, num_classes=1008,
+                         init_weights=False).state_dict()
+    torch.save(state, tmp_path / dcl.FID_FILE)
+    net = dcl.FIDInception(str(tmp_path / dcl.FID_FILE))
+    assert torch.equal(net.net.Mixed_6e.branch_pool.conv.weight,
+                       state["Mixed_6e.branch_pool.conv.weight"])
+    features = net([torch.rand(3, 40, 30), torch.rand(3, 64, 64)])
+    assert features.shape == (2, 2048) and features.dtype == torch.float64
+    with pytest.raises(dcl.UserError, match="--inception_weights") as error:
+        dcl.FIDInception(str(tmp_path / "missing.pth"))
+    assert dcl.FID_FILE in str(error.value) and "missing.pth" in str(error.value)
+
+
+def paired_split(root: Path, n=2) -> Path:
+    """trainA, trainB and a paired test split: testA/i.png and testB/i.png."""
+    for i in range(n):
+        for domain, seed in (("trainA", 0), ("trainB", 10), ("testA", 20), ("testB", 30)):
+            write_image(root / domain / f"{i}.png", (40, 40), "RGB", seed=seed + i)
+    return root
+
+
+def test_eval_command_scores_and_refuses(tmp_path, capsys, monkeypatch):
+    """§18, §21: `eval --fake F --real R --paired` prints one JSON line: the counts,
+    PSNR and MAE against the real image of the same relative name (here JPEG
+    and PNG of other sizes, resized to the fake's), FID and KID (random
+    Inception weights); the PSNR is that of paired_scores on the same pairs.
+    Refused with exit 2 and one line: an empty folder, a single image, a fake
+    without a counterpart, and FID without its weights file (TORCH_HOME here
+    is empty); with --paired, the missing weights only drop FID and KID."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for i, rel in enumerate(["a.png", "b.png", "sub/c.png"]):
+        write_image(tmp_path / "fake" / rel, (32, 32), "RGB", seed=i)
+        write_image(tmp_path / "real" / rel.replace("a.png", "a.jpg"), (40, 36), "RGB",
+                    seed=i + 5)
+    fake, real = tmp_path / "fake", tmp_path / "real"
+    code, out, err = main_in_process(capsys, "eval", "--fake", fake, "--real", real, "--paired",
+                                     "--inception_weights", "random", "--device", "cpu")
+    assert code == 0, err
+    [row] = [json.loads(line) for line in out.splitlines()]
+    assert set(row) == {"n_fake", "n_real", "psnr", "mae", "fid", "kid", "kid_std"}
+    pairs = [(dcl.unit_image(fake / r), dcl.unit_image(real / q, (32, 32)))
+             for r, q in (("a.png", "a.jpg"), ("b.png", "b.png"), ("sub/c.png", "sub/c.png"))]
+    assert row["psnr"] == pytest.approx(dcl.paired_scores(pairs)["psnr"], rel=1e-12)
+    (tmp_path / "empty").mkdir()
+    write_image(tmp_path / "one" / "a.png")
+    write_image(tmp_path / "other" / "z.png")
+    write_image(tmp_path / "other" / "y.png")
+    for folder, extra, words in ((tmp_path / "empty", ["--paired"], "no images in"),
+                                 (tmp_path / "one", ["--paired"], "1 image in"),
+                                 (tmp_path / "other", ["--paired"], "no counterpart"),
+                                 (fake, [], "--inception_weights")):
+        code, out, err = main_in_process(capsys, "eval", "--fake", folder, "--real", real, *extra)
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    code, out, err = main_in_process(capsys, "eval", "--fake", fake, "--real", real, "--paired")
+    assert code == 0 and set(json.loads(out)) == {"n_fake", "n_real", "psnr", "mae"}
+    assert dcl.FID_FILE in err
+
+
+@pytest.mark.parametrize("mode", list(dcl.MODES))
+def test_training_time_eval_in_every_mode(mode, tmp_path, capsys, monkeypatch):
+    """§15, §18: --eval_freq 1 scores the paired test split at the end of every
+    epoch: a log row {"step", "epoch", "eval"} with PSNR and MAE (and _BtoA for
+    the two-generator modes), FID and KID with Inception weights (random ones
+    for cut), ckpt_best.pt, and a closing line giving the best. No weights in
+    the cache (TORCH_HOME is empty): auto picks PSNR."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    data = paired_split(tmp_path / "data")
+    extra = ["--inception_weights", "random"] if mode == "cut" else []
+    code, out, err = train_in_process(capsys, "--mode", mode, "--dataroot", data, *TINY,
+                                      "--n_epochs", 1, "--n_epochs_decay", 0, "--eval_freq", 1,
+                                      "--checkpoints_dir", tmp_path, "--name", "r", *extra)
+    assert code == 0, err
+    [row] = [r for r in read_log(tmp_path / "r") if "eval" in r]
+    two = "G_ba" in dcl.MODES[mode].networks
+    expected = {"psnr", "mae"} | ({"fid", "kid", "kid_std"} if mode == "cut" else set())
+    assert set(row["eval"]) == expected | {k + "_BtoA" for k in expected if two}
+    assert row["step"] == 2 and row["epoch"] == 1
+    assert (tmp_path / "r" / "ckpt_best.pt").is_file()
+    metric = "fid" if mode == "cut" else "psnr"
+    assert f"eval ({metric}): last" in out.splitlines()[-1]
+
+
+def test_best_checkpoint_survives_resume_and_matches_eval(tmp_path, capsys, monkeypatch):
+    """§15, §16, §18: over 3 epochs, then 2 more after --continue_train, the log
+    holds one eval row per epoch; ckpt_best.pt holds the weights of the epoch
+    with the highest PSNR of all five (the best before the resume is part of the
+    stored state: ckpt_latest.pt's "best"), equal to that epoch's snapshot. The
+    logged PSNR of the last epoch is what the official test protocol gives:
+    `translate --resize 32` of testA with that epoch's snapshot, then
+    `eval --paired` against testB."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    data = paired_split(tmp_path / "data", n=3)
+    flags = ["--mode", "cut", "--dataroot", data, *TINY, "--eval_freq", 1,
+             "--checkpoints_dir", tmp_path, "--name", "r", "--lr", 2e-3, "--save_epoch_freq", 1]
+    assert train_in_process(capsys, *flags, "--n_epochs", 3, "--n_epochs_decay", 0)[0] == 0
+    code, out, err = train_in_process(capsys, *flags, "--n_epochs", 5, "--n_epochs_decay", 0,
+                                      "--continue_train")
+    assert code == 0, err
+    rows = [r for r in read_log(tmp_path / "r") if "eval" in r]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
+    psnr = [r["eval"]["psnr"] for r in rows]
+    best_epoch = 1 + psnr.index(max(psnr))
+    stored = torch.load(tmp_path / "r" / "ckpt_latest.pt", weights_only=True)["best"]
+    assert stored == dict(metric="psnr", value=max(psnr), epoch=best_epoch)
+    best = torch.load(tmp_path / "r" / "ckpt_best.pt", weights_only=True)["nets"]["G"]
+    snapshot = torch.load(tmp_path / "r" / f"ckpt_epoch_{best_epoch:03d}.pt",
+                          weights_only=True)["nets"]["G"]
+    assert all(torch.equal(best[k], snapshot[k]) for k in best)
+    assert f"best {max(psnr):.4g} at epoch {best_epoch}" in out.splitlines()[-1]
+    code, _, err = main_in_process(capsys, "translate", "--checkpoint",
+                                   tmp_path / "r" / "ckpt_epoch_005.pt", "--input", data / "testA",
+                                   "--output", tmp_path / "out", "--resize", 32, "--device", "cpu")
+    assert code == 0, err
+    code, out, err = main_in_process(capsys, "eval", "--fake", tmp_path / "out", "--real",
+                                     data / "testB", "--paired")
+    assert code == 0, err
+    assert json.loads(out)["psnr"] == psnr[-1]
+
+
+def test_eval_metric_needs_what_it_scores(tmp_path, data, capsys, monkeypatch):
+    """§18: refused before training, exit 2, one line: --eval_metric psnr on an
+    unpaired test split (the data fixture's testA and testB differ), --eval_metric
+    fid without the Inception weights, an explicit --inception_weights path that
+    does not exist, and --eval_freq below 0."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    paired = paired_split(tmp_path / "paired")
+    for root, extra, words in ((data, ["--eval_metric", "psnr"], "not paired"),
+                               (paired, ["--eval_metric", "fid"], dcl.FID_FILE),
+                               (paired, ["--inception_weights", tmp_path / "no.pth"], "no.pth"),
+                               (paired, ["--eval_freq", -1], "--eval_freq must be at least 0")):
+        code, out, err = train_in_process(capsys, "--dataroot", root, *TINY, "--eval_freq", 1,
+                                          "--checkpoints_dir", tmp_path, *extra)
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_eval_changes_nothing_the_run_learns(tmp_path, capsys):
+    """§15, §18: scoring the test split (here with random Inception weights, whose
+    construction draws random numbers) leaves the training's random draws alone:
+    the weights after an epoch are bit-identical with and without --eval_freq."""
+    data = paired_split(tmp_path / "data")
+    flags = ["--mode", "cut", "--dataroot", data, *TINY, "--n_epochs", 1, "--n_epochs_decay", 0,
+             "--checkpoints_dir", tmp_path]
+    assert train_in_process(capsys, *flags, "--name", "plain")[0] == 0
+    assert train_in_process(capsys, *flags, "--name", "scored", "--eval_freq", 1,
+                            "--inception_weights", "random")[0] == 0
+    plain, scored = (torch.load(tmp_path / n / "ckpt_latest.pt", weights_only=True)["nets"]
+                     for n in ("plain", "scored"))
+    assert all(torch.equal(plain[net][k], scored[net][k]) for net in plain for k in plain[net])
