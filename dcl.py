@@ -2517,9 +2517,9 @@ def resume_config(ckpt: dict, cfg: TrainConfig, origin: dict, path: Path) -> Tra
 # multiple of 4 (two halvings and two doublings), translate, crop back (F8).
 
 def load_generator(path, mode: str | None, direction: str, device) -> nn.Module:
-    """A trained G from a dcl.py checkpoint (--direction: G_ab or G_ba), or from an
-    official state dict (`latest_net_G.pth`, `latest_net_G_A.pth`, ...) and --mode."""
-    ckpt = read_checkpoint(path)
+    """A trained G from a dcl.py checkpoint (--direction: G_ab or G_ba), or an official
+    state dict (`latest_net_G.pth`, ...; its CPU runs save `module.` keys) and --mode."""
+    ckpt = {k.removeprefix("module."): v for k, v in read_checkpoint(path).items()}  # DataParallel
     if ckpt.get("format") == CHECKPOINT_FORMAT:
         mode, cfg, nets = ckpt["mode"], stored_config(ckpt, path), ckpt["nets"]
         if direction == "BtoA" and "G_ba" not in nets:

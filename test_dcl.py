@@ -1244,7 +1244,9 @@ def test_checkpoint_round_trip(mode, runs, data, tmp_path, capsys):
 def test_translate_official_state_dict(mode, runs, data, tmp_path, capsys):
     """§17: G's weights (G_ab's in two-generator modes) saved as an official
     latest_net_G.pth (latest_net_G_A.pth) translate to byte-identical PNGs
-    given --mode; without --mode, exit 2 naming --mode."""
+    given --mode, also with the keys of the DataParallel wrapper that the
+    official code saves on the CPU (module.model.1.weight, ...); without --mode,
+    exit 2 naming --mode."""
     _, run_dir = runs(mode)
     nets = torch.load(run_dir / "ckpt_latest.pt", weights_only=True)["nets"]
     one_sided = "G" in nets
@@ -1254,8 +1256,12 @@ def test_translate_official_state_dict(mode, runs, data, tmp_path, capsys):
     translate_in_process(capsys, official, data / "testA", tmp_path / "theirs", "--mode", mode)
     ours = sorted(p.relative_to(tmp_path / "ours") for p in (tmp_path / "ours").rglob("*.png"))
     assert len(ours) == 3
+    wrapped = tmp_path / "1_net_G.pth"
+    torch.save({"module." + k: v for k, v in torch.load(official).items()}, wrapped)
+    translate_in_process(capsys, wrapped, data / "testA", tmp_path / "wrapped", "--mode", mode)
     for rel in ours:
         assert (tmp_path / "ours" / rel).read_bytes() == (tmp_path / "theirs" / rel).read_bytes()
+        assert (tmp_path / "ours" / rel).read_bytes() == (tmp_path / "wrapped" / rel).read_bytes()
     code, _, err = main_in_process(capsys, "translate", "--checkpoint", official, "--input",
                                    data / "testA", "--output", tmp_path / "x", "--device", "cpu")
     assert code == 2 and "--mode" in err
