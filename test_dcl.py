@@ -3666,14 +3666,23 @@ def test_eval_command_scores_and_refuses(tmp_path, capsys, monkeypatch):
     assert dcl.FID_FILE in err
 
 
+def cheap_features(monkeypatch):
+    """FIDInception with its real construction (and random draws) but a cheap
+    forward: each image's channel means, tiled to 2048 features."""
+    monkeypatch.setattr(dcl.FIDInception, "forward", lambda self, images: torch.stack(
+        [x.mean((1, 2)).double().repeat(683)[:2048] for x in images]))
+
+
 @pytest.mark.parametrize("mode", list(dcl.MODES))
 def test_training_time_eval_in_every_mode(mode, tmp_path, capsys, monkeypatch):
     """§15, §18: --eval_freq 1 scores the paired test split at the end of every
     epoch: a log row {"step", "epoch", "eval"} with PSNR and MAE (and _BtoA for
     the two-generator modes), FID and KID with Inception weights (random ones
     for cut), ckpt_best.pt, and a closing line giving the best. No weights in
-    the cache (TORCH_HOME is empty): auto picks PSNR."""
+    the cache (TORCH_HOME is empty): auto picks PSNR. The network's forward is
+    cheap_features here (test_eval_command_scores_and_refuses runs the real one)."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cheap_features(monkeypatch)
     data = paired_split(tmp_path / "data")
     extra = ["--inception_weights", "random"] if mode == "cut" else []
     code, out, err = train_in_process(capsys, "--mode", mode, "--dataroot", data, *TINY,
@@ -3743,10 +3752,11 @@ def test_eval_metric_needs_what_it_scores(tmp_path, data, capsys, monkeypatch):
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_eval_changes_nothing_the_run_learns(tmp_path, capsys):
+def test_eval_changes_nothing_the_run_learns(tmp_path, capsys, monkeypatch):
     """§15, §18: scoring the test split (here with random Inception weights, whose
     construction draws random numbers) leaves the training's random draws alone:
     the weights after an epoch are bit-identical with and without --eval_freq."""
+    cheap_features(monkeypatch)
     data = paired_split(tmp_path / "data")
     flags = ["--mode", "cut", "--dataroot", data, *TINY, "--n_epochs", 1, "--n_epochs_decay", 0,
              "--checkpoints_dir", tmp_path]
