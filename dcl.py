@@ -2697,12 +2697,12 @@ def kernel_inception_distance(f1: torch.Tensor, f2: torch.Tensor, subsets: int =
              − 2·Σ_{i,j} k(x_i, y_j)/m²   (two sets of m images: std 0)"""
     f1, f2 = f1.double(), f2.double()
     m, generator, values = min(size, len(f1), len(f2)), torch.Generator().manual_seed(seed), []
-    for _ in range(subsets):
-        x = f1[torch.randperm(len(f1), generator=generator)[:m]]
-        y = f2[torch.randperm(len(f2), generator=generator)[:m]]
-        kxx, kyy, kxy = ((a @ b.T / f1.shape[1] + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
-        values.append((kxx.sum() - kxx.trace() + kyy.sum() - kyy.trace()) / (m * (m - 1))
-                      - 2 * kxy.mean())
+    kxx, kyy, kxy = ((a @ b.T / f1.shape[1] + 1) ** 3 for a, b in ((f1, f1), (f2, f2), (f1, f2)))
+    for _ in range(subsets):                                  # subsets index the kernels once made
+        i, j = (torch.randperm(len(f), generator=generator)[:m] for f in (f1, f2))
+        xx, yy, xy = kxx[i][:, i], kyy[j][:, j], kxy[i][:, j]
+        values.append((xx.sum() - xx.trace() + yy.sum() - yy.trace()) / (m * (m - 1))
+                      - 2 * xy.mean())
     return float(torch.stack(values).mean()), float(torch.stack(values).std(unbiased=False))
 
 
