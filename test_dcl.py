@@ -3572,30 +3572,31 @@ def test_paired_scores_known_answers():
 
 def test_fid_inception_is_pytorch_fids_network():
     """§18: pytorch-fid's changes to torchvision's Inception-v3. The pooling branch
-    of an A block averages the 3×3 window over the pixels inside the image only:
-    a hand-written window sum divided by the count of pixels inside, 4 at a
-    corner, 6 on an edge, 9 within. The last E block (Mixed_7c) max-pools: a
-    hand-written maximum over the 9 shifted copies of the -inf-padded map. The
-    state-dict keys are torchvision's for 1,008 classes without the auxiliary
-    head (the keys of pytorch-fid's file), less the classifier it drops; such a
-    file loads strictly."""
+    of the A, C and first E blocks (Mixed_5b, Mixed_6b, Mixed_7b here) averages the
+    3×3 window over the pixels inside the image only: a hand-written window sum
+    divided by the count of pixels inside, 4 at a corner, 6 on an edge, 9 within.
+    The last E block (Mixed_7c) max-pools: a hand-written maximum over the 9
+    shifted copies of the -inf-padded map. The other branches are torchvision's
+    own; the reduction blocks (Mixed_6a, Mixed_7a) are untouched. The state-dict
+    keys are torchvision's for 1,008 classes without the auxiliary head (the keys
+    of pytorch-fid's file), less the classifier it drops; such a file loads strictly."""
     net = dcl.FIDInception("random")
-    block, x = net.net.Mixed_5b, torch.randn(1, 192, 7, 7)
     window = lambda t: torch.nn.functional.conv2d(
         torch.nn.functional.pad(t, (1, 1, 1, 1)), torch.ones(t.shape[1], 1, 3, 3),
         groups=t.shape[1])
     count = window(torch.ones(1, 1, 7, 7))
     assert (count[0, 0, 0, 0], count[0, 0, 0, 3], count[0, 0, 3, 3]) == (4, 6, 9)
-    expected = torch.cat([block.branch1x1(x), block.branch5x5_2(block.branch5x5_1(x)),
-                          block.branch3x3dbl_3(block.branch3x3dbl_2(block.branch3x3dbl_1(x))),
-                          block.branch_pool(window(x) / count)], 1)
-    assert torch.allclose(block(x), expected, atol=1e-5)
+    for name, channels in (("Mixed_5b", 192), ("Mixed_6b", 768), ("Mixed_7b", 1280)):
+        block, x = getattr(net.net, name), torch.randn(1, channels, 7, 7)
+        expected = torch.cat(block._forward(x)[:3] + [block.branch_pool(window(x) / count)], 1)
+        assert torch.allclose(block(x), expected, atol=1e-5), name
     block, x = net.net.Mixed_7c, torch.randn(1, 2048, 5, 5)
     padded = torch.nn.functional.pad(x, (1, 1, 1, 1), value=-math.inf)
     shifts = [padded[..., i:i + 5, j:j + 5] for i in range(3) for j in range(3)]
     maximum = torch.stack(shifts).amax(0)
     expected = torch.cat(block._forward(x)[:3] + [block.branch_pool(maximum)], 1)
     assert torch.allclose(block(x), expected, atol=1e-5)
+    assert "forward" not in vars(net.net.Mixed_6a) and "forward" not in vars(net.net.Mixed_7a)
     from torchvision.models import inception_v3
     official = inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008)
     assert set(official.state_dict()) - {"fc.weight", "fc.bias"} == set(net.net.state_dict())
