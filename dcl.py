@@ -1590,9 +1590,8 @@ MODES = {
 # =============================================================================
 # PART II. RUNNING THEM
 # =============================================================================
-# Everything a real run needs around the methods: configuration, data, networks,
-# the loop, checkpoints, translate, evaluation, bench, torchrun, the command line.
-# None of it changes what a step computes.
+# Everything a run needs around the methods: configuration, data, networks, the loop,
+# checkpoints, translate, evaluation, bench, torchrun, the command line; no step math.
 
 # -----------------------------------------------------------------------------
 # 12. Configuration
@@ -2946,7 +2945,8 @@ def add_config_flags(sub: argparse.ArgumentParser, modes: tuple) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="dcl.py", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    commands = parser.add_subparsers(dest="command", required=True,  # flags never abbreviate
+                                     parser_class=partial(Parser, allow_abbrev=False))
     train_parser = commands.add_parser("train", help="train a model (see --mode)")
     add_config_flags(train_parser, tuple(MODES))
     bench_parser = commands.add_parser("bench", help="time the training step of a mode or all "

@@ -3767,3 +3767,16 @@ def test_eval_changes_nothing_the_run_learns(tmp_path, capsys, monkeypatch):
     plain, scored = (torch.load(tmp_path / n / "ckpt_latest.pt", weights_only=True)["nets"]
                      for n in ("plain", "scored"))
     assert all(torch.equal(plain[net][k], scored[net][k]) for net in plain for k in plain[net])
+
+
+def test_flags_are_never_abbreviated(capsys):
+    """§21: a flag is its full name only. With argparse's abbreviations on, the
+    official `--netF mlp_sample` would be read as --netF_nc and fail with a
+    misleading "invalid int value", and --lambda_N would silently set
+    --lambda_NCE; all are refused as unknown, exit 2, one line (eval's too)."""
+    for flags in (["--netF", "mlp_sample"], ["--lambda_N", "5"], ["--netF_n", "16"]):
+        code, out, err = main_in_process(capsys, "train", *flags)
+        assert code == 2 and "unrecognized arguments: " + " ".join(flags) in err, err
+        assert len(err.strip().splitlines()) == 1
+    code, out, err = main_in_process(capsys, "eval", "--fake", "x", "--real", "y", "--pair")
+    assert code == 2 and "unrecognized arguments: --pair" in err
