@@ -3,7 +3,7 @@
     python -m pytest -q
 
 Everything runs on the CPU at tiny sizes (ngf 8, 32-pixel crops, S = 16,
-E = 16), so the whole file takes about 2.5 minutes on two cores. Parameter counts
+E = 16), so the whole file takes about two minutes on two cores. Parameter counts
 and state-dict keys at the official sizes are checked on the meta device.
 Section numbers (§N) refer to the banners of dcl.py, F-numbers to its
 faithfulness notes. Where each expected value comes from, the test's docstring
