@@ -195,8 +195,8 @@ and the official quirks it keeps on purpose, each with its reason.
       infinities set to 0; equal up to rounding). Not included: local variants.
   F23 Evaluation (not the methods' code: pytorch-fid's protocol). Its network and
       features exactly; tr (Σ1 Σ2)^½ from a symmetric eigendecomposition, not
-      scipy's sqrtm (the same up to rounding); images of any size in any
-      size in any subfolder (pytorch-fid: one folder, batches of equal sizes).
+      scipy's sqrtm (the same up to rounding); images of any size, in subfolders
+      too (pytorch-fid: one folder, batches of equal sizes).
 
 Not included: display servers, HTML pages, dataset downloads, UNet/StyleGAN generators,
 SinCUT, DataParallel, CUDA graphs, wandb.
@@ -510,7 +510,7 @@ def gan_loss(prediction: torch.Tensor, target_is_real: bool, gan_mode: str) -> t
     vanish for fakes that D already rejects with confidence, so G keeps
     learning. The generator asks for "real" on its fakes: L_G = lsgan_real(D(G(x))).
     Official quirk, kept (F11): DCLGAN's code uses hinge, and its generator loss is therefore
-    mean(relu(1 − D(G(x)))), not the more common −mean(D(G(x))) (F11)."""
+    mean(relu(1 − D(G(x)))), not the more common −mean(D(G(x)))."""
     if gan_mode == "lsgan":
         return ((prediction - 1) ** 2).mean() if target_is_real else (prediction ** 2).mean()
     if gan_mode == "hinge":
@@ -2915,7 +2915,7 @@ def average_gradients(opt: torch.optim.Optimizer, args=(), kwargs=None) -> None:
 # 21. Command line
 # -----------------------------------------------------------------------------
 # train and bench get one flag per TrainConfig field, generated from the
-# dataclass, with the official spelling; translate has its own few.
+# dataclass, with the official spelling; translate and eval have their own few.
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):                                 # one line, exit 2, no usage dump
