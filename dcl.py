@@ -25,6 +25,8 @@ Commands
     python dcl.py train --mode cut --max_steps 2        # does one training cycle work?
     python dcl.py train --mode cut --dataroot ./datasets/horse2zebra --name h2z
     python dcl.py train --name h2z --continue_train     # resume exactly where it stopped
+    python dcl.py train --dataroot ./datasets/h2z --name h2z_CUT --CUT_mode CUT  # official flags
+    python dcl.py test --dataroot ./datasets/h2z --name h2z_CUT   # as test.py: results/h2z_CUT/
     python dcl.py translate --checkpoint checkpoints/h2z/ckpt_latest.pt \\
                             --input ./datasets/horse2zebra/testA --output ./results/h2z
     python dcl.py eval --fake ./results/h2z --real ./datasets/horse2zebra/testB  # FID, KID
@@ -47,7 +49,7 @@ Contents
   Part II, running them: the machinery, which a first reading can skip.
     12. Configuration        15. The training loop    18. Evaluation: FID, KID
     13. Unpaired data        16. Checkpoints          19. Bench, 20. torchrun
-    14. Networks, optimisers 17. Translate            21. Command line
+    14. Networks, optimisers 17. Translate, test      21. Command line
 
 Reading paths: for each mode, the functions to read, in this order.
   CUT         Generator, Discriminator, gan_loss, discriminator_step, ProjectionHead,
@@ -66,12 +68,12 @@ Reading paths: for each mode, the functions to read, in this order.
               ImagePool, cyclegan_step
   Every mode: MODES in §11 holds its preset, its networks and its step function.
 
-Letters: n images per batch, S sampled patches per layer and image (--num_patches),
-E projection width (--netF_nc), L tapped layers, K negatives per image that NEGCUT's
-N makes, C×h×w a feature map's channels and size, τ the temperature (--nce_T). D is
-only ever the discriminator and N only NEGCUT's negative generator. Domains are a
-(source, the paper's X) and b (target, Y); a name ending in _a or _b says which
-domain a network or an image belongs to: G_ab maps a to b, D_b judges b images.
+Letters: n images per batch, S sampled patches per layer and image (--num_patches), E projection
+width (--netF_nc), L tapped layers, K negatives per image that NEGCUT's N makes, C×h×w a feature
+map's channels and size, τ the temperature (--nce_T). D is only ever the discriminator and N
+only NEGCUT's negative generator. Domains are a (source, the paper's X) and b (target, Y); a
+name ending in _a or _b says which domain a network or an image belongs to: G_ab maps a to b,
+D_b judges b images.
 
 Glossary (code name | paper symbol | official name or flag)
     G; G_ab, G_ba      | G; G: X→Y, F: Y→X         | netG; netG_A, netG_B
@@ -99,112 +101,112 @@ Glossary (code name | paper symbol | official name or flag)
     HDCE_gamma         | γ of the hard-negative weights | --HDCE_gamma, --HDCE_gamma_min
     query_selected_rows| A_QS                      | attn_mats (QS-Attn's PatchSampleF)
     nce_T, num_patches, netF_nc, nce_layers | τ 0.07, S 256, E 256, l | the same flags
-    torch.nn.functional is F, as everywhere in PyTorch; the notes below are F1..F23.
+    torch.nn.functional is F, as everywhere in PyTorch; the notes below are F1..F24.
 
-Faithfulness notes: every place where dcl.py differs from the official code,
-and the official quirks it keeps on purpose, each with its reason.
-  F1  Kept: PatchNCE fills the diagonal of the negative similarities (each query
-      against its own positive) with −10 before dividing by τ, as the official code
-      does (its README's pseudocode: −inf). At τ = 0.07 both give exp(−142.9) = 0.
-  F2  Kept: the keys are detached (officially; the paper does not say so), and one
-      random set of patch positions per layer is shared by every image of a batch.
-  F3  Changed: patch ids, the flip coin, the B draw and the image pool use torch's
-      RNG (official: numpy's, Python's): one --seed covers all; same laws, other draws.
-  F4  Changed: PatchNCE groups patches by the batch size the tensor has; the
-      official code reads --batch_size, wrong under multi-GPU and for a partial batch.
-  F5  Changed: the heads are built at the start from the known channel counts
-      (official: at the first forward pass, with a throwaway forward and backward);
-      layer ids are a tuple (the official encoder can append to its caller's list).
-  F6  Kept: in the CUT lineage, no random crop in the LR-decay epochs (images resized
-      straight to the crop size; --crop_in_decay keeps crops); the LR never reaches 0
-      (last epoch: lr/(decay + 1)); CycleGAN's schedule is one epoch later than upstream's.
-  F7  Changed: the step counters (print, display, save) count optimisation
-      steps; the official ones count images. The same at batch 1.
-  F8  Changed: translate writes one PNG per input at its own size and name (the
-      official test: 50 images at 256² by default, and it can overwrite its own
-      outputs); --resize 256 is the official test protocol.
-  F9  Changed: D scores real and fake images in one call, G translates an input
-      and its identity input in one call (exact: no layer mixes images), and
-      PatchNCE's keys reuse that call's encoder activations (exact: the same
-      weights and input); augmentation draws come from per-item seeds.
-  F10 Changed: --max_dataset_size cuts the sorted file list (official: walk order);
-      --crop_size must be a multiple of 4 (official: silently rounded); one file holds
-      a run (official: a weights file per network, no optimiser state: lossy resume).
-  F11 Kept (DCLGAN, SimDCL): the hinge G loss is mean(relu(1 − D(G(x)))), not the
-      common −mean(D(G(x))); D's losses are not scaled by λ_GAN; every term is half of
-      the paper's Eq. 8; no image pool (paper: 50); lr 2e-4, 200 + 200 epochs (papers:
-      DCLGAN lr 1e-4 for 400 epochs, SimDCL 100 + 100); negatives from the whole batch.
-  F12 Kept (DCLGAN): the heads' Adam at lr 1e-3 and betas (0.9, 0.999), Adam's
-      defaults, where the paper says 2e-4; --lr_H and --beta1_H change them.
-  F13 Changed (DCLGAN, SimDCL): λ_IDT > 0 switches the L1 identity term on (the
-      official code tests λ_NCE > 0, and turning off its separate identity
-      flag then crashes). Kept: dot products of z/(‖z‖ + 1e-7), not cosines.
-      H's first outputs are tiny (‖z‖ ~ 1e-5), so at step 1 the losses agree
-      with cosines' within 1% but the heads' gradients differ by 14-29% and
-      G's by 4-11%; Adam's first step moves every bias of H by about ±lr, and
-      from step 2 on every row has norm ≥ 0.99996, the gradients agree to 2e-4.
-  F14 Kept (SimDCL): the official L1Loss('sum') computes a mean (the string
-      lands in a legacy argument): L_sim averages its 64 dimensions; the declared
-      λ_NCE 2 is never applied (our preset: 1, the weight in effect); nothing is
-      detached; the fakes get fresh patch ids; identity weight 1. Changed: the
-      mapping heads run at any batch size, S and E (official: batch 1, S = E = 256).
-  F15 Changed (CycleGAN): the upstream CycleGAN repository's behaviour (stride-2
-      and transposed convolutions, N(0, 0.02) init, a pool of 50, G's step before
-      D's). The CUT repository's copy does not run (it reads an option that does not
-      exist); DCLGAN's passes the GPU ids as the antialiasing switch (CPU only).
-  F16 NEGCUT. Kept: H_ema's own random init, not a copy of H; L_div on the
-      negatives of the last branch computed (the identity branch when it runs);
-      N makes --num_patches negatives per image, split in halves by L_div (an
-      odd count, on which the official code crashes, is refused). Changed: N
-      trains at --lr (--lr_N is never read); in N's step only N gets gradients
-      (officially G and H_ema too, unused); EMA as H̄ + 0.1·(H − H̄); noise on the device.
+Faithfulness notes: every place where dcl.py differs from the official code, and the official
+quirks it keeps on purpose, each with its reason.
+  F1  Kept: PatchNCE fills the diagonal of the negative similarities (each query against its own
+      positive) with −10 before dividing by τ, as the official code does (its README's
+      pseudocode: −inf). At τ = 0.07 both give exp(−142.9) = 0.
+  F2  Kept: the keys are detached (officially; the paper does not say so), and one random set of
+      patch positions per layer is shared by every image of a batch.
+  F3  Changed: patch ids, the flip coin, the B draw and the image pool use torch's RNG
+      (official: numpy's, Python's): one --seed covers all; same laws, other draws.
+  F4  Changed: PatchNCE groups patches by the batch size the tensor has; the official code reads
+      --batch_size, wrong under multi-GPU and for a partial batch.
+  F5  Changed: the heads are built at the start from the known channel counts (official: at the
+      first forward pass, with a throwaway forward and backward); layer ids are a tuple (the
+      official encoder can append to its caller's list).
+  F6  Kept: in the CUT lineage, no random crop in the LR-decay epochs (images resized straight
+      to the crop size; --crop_in_decay keeps crops); the LR never reaches 0 (last epoch:
+      lr/(decay + 1)); CycleGAN's schedule is one epoch later than upstream's.
+  F7  Changed: the step counters (print, display, save) count optimisation steps; the official
+      ones count images. The same at batch 1.
+  F8  Changed: translate writes one PNG per input at its own size and name, test every image
+      (the official test: 50 at 256² by default, and it can overwrite its own outputs); --resize
+      256, and test, follow the official test protocol.
+  F9  Changed: D scores real and fake images in one call, G translates an input and its identity
+      input in one call (exact: no layer mixes images), and PatchNCE's keys reuse that call's
+      encoder activations (exact: the same weights and input); augmentation draws come from
+      per-item seeds.
+  F10 Changed: --max_dataset_size cuts the sorted file list (official: walk order); --crop_size
+      must be a multiple of 4 (official: silently rounded); one file holds a run (official: a
+      weights file per network, no optimiser state: lossy resume).
+  F11 Kept (DCLGAN, SimDCL): the hinge G loss is mean(relu(1 − D(G(x)))), not the common
+      −mean(D(G(x))); D's losses are not scaled by λ_GAN; every term is half of the paper's Eq.
+      8; no image pool (paper: 50); lr 2e-4, 200 + 200 epochs (papers: DCLGAN lr 1e-4 for 400
+      epochs, SimDCL 100 + 100); negatives from the whole batch.
+  F12 Kept (DCLGAN): the heads' Adam at lr 1e-3 and betas (0.9, 0.999), Adam's defaults, where
+      the paper says 2e-4; --lr_H and --beta1_H change them.
+  F13 Changed (DCLGAN, SimDCL): λ_IDT > 0 switches the L1 identity term on (the official code
+      tests λ_NCE > 0, and turning off its separate identity flag then crashes). Kept: dot
+      products of z/(‖z‖ + 1e-7), not cosines. H's first outputs are tiny (‖z‖ ~ 1e-5), so at
+      step 1 the losses agree with cosines' within 1% but the heads' gradients differ by 14-29%
+      and G's by 4-11%; Adam's first step moves every bias of H by about ±lr, and from step 2 on
+      every row has norm ≥ 0.99996, the gradients agree to 2e-4.
+  F14 Kept (SimDCL): the official L1Loss('sum') computes a mean (the string lands in a legacy
+      argument): L_sim averages its 64 dimensions; the declared λ_NCE 2 is never applied (our
+      preset: 1, the weight in effect); nothing is detached; the fakes get fresh patch ids;
+      identity weight 1. Changed: the mapping heads run at any batch size, S and E (official:
+      batch 1, S = E = 256).
+  F15 Changed (CycleGAN): the upstream CycleGAN repository's behaviour (stride-2 and transposed
+      convolutions, N(0, 0.02) init, a pool of 50, G's step before D's). The CUT repository's
+      copy does not run (it reads an option that does not exist); DCLGAN's passes the GPU ids as
+      the antialiasing switch (CPU only).
+  F16 NEGCUT. Kept: H_ema's own random init, not a copy of H; L_div on the negatives of the last
+      branch computed (the identity branch when it runs); N makes --num_patches negatives per
+      image, split in halves by L_div (an odd count, on which the official code crashes, is
+      refused). Changed: N trains at --lr (--lr_N is never read); in N's step only N gets
+      gradients (officially G and H_ema too, unused); EMA as H̄ + 0.1·(H − H̄); noise on the
+      device.
   F17 Extensions, in no official code and off in every preset: --lambda_perc,
       --lambda_perc_content (VGG16 feature L1) and --nce_hard_beta.
-  F18 Added (--fast, on by default on CUDA): bf16 autocast for the networks, with
-      every output, L2 normalisation, logit and loss in fp32; channels_last; fused
-      Adam. Only bf16 rounding changes; --fast off is official fp32 (TF32 convs aside).
-  F19 Added: data parallelism under torchrun (gradients averaged by all-reduce;
-      see average_gradients). Each process draws its own patch ids, noise and
-      flips and sees its share of A; PatchNCE, pooled negatives and image pools
-      stay per process. Effective batch: processes × --batch_size; LR unscaled.
-  F20 Changed: every gradient is right at batch size 1. torch 2.13 and 2.14 on
-      the CPU get instance norm's backward wrong at batch 1 for an incoming
-      gradient with channels-last strides, which the official patch sampler
-      (permute, then pick) sends into the tapped ResNet blocks: the official
-      code at batch 1 on these builds learns from a wrong G gradient (one CUT
-      step: 84% relative error, cosine 0.63; DCLGAN and SimDCL worse). Here the
-      sampler picks before it transposes, and every instance norm makes its
-      incoming gradient contiguous (NEGCUT's mean embedding, --fast too).
-  F21 Hneg-SRC. Kept from the official code: the preset is its README's
-      horse2zebra recipe, not its flag defaults (λ_HDCE 1, λ_SRC 1, γ 1, no
-      identity term); the weights, softmax(z·z/γ) over the keys with the
-      diagonal at −10 and divided by the row maximum, multiply the negative
-      logits (the paper's von Mises-Fisher density exp(γ·z·z⁻) sharpens with γ,
-      the code's weights smooth); the logged HDCE is the weighted cross-entropy,
-      not the decoupled loss it differentiates; L_SRC sums all S×S entries,
-      averaged over layers, on the main branch only.
-      Changed: patch ids are drawn on the keys (official: on the queries; the
-      same distribution); the weights per group of negatives and the relations
-      per image (official: over the whole batch, which runs at batch 1 only);
-      identical at batch 1. In DCLGAN and SimDCL (no hDCE or SRC officially)
-      each direction gets its own, averaged as every term there is.
-  F22 QS-Attn. Kept: the global variant, the one its README trains; attention on
-      raw features without scaling; the deepest taps only (officially the 4th and
-      5th of 5, at 256² the smallest maps, our rule); the attention rows are not
-      detached. Changed: entropy from log_softmax (official: log of the softmax,
-      infinities set to 0; equal up to rounding). Not included: local variants.
-  F23 Evaluation (not the methods' code: pytorch-fid's protocol). Its network and
-      features exactly; tr (Σ1 Σ2)^½ from a symmetric eigendecomposition, not
-      scipy's sqrtm (the same up to rounding); images of any size, in subfolders
-      too (pytorch-fid: one folder, batches of equal sizes).
-
+  F18 Added (--fast, on by default on CUDA): bf16 autocast for the networks, with every output,
+      L2 normalisation, logit and loss in fp32; channels_last; fused Adam. Only bf16 rounding
+      changes; --fast off is official fp32 (TF32 convs aside).
+  F19 Added: data parallelism under torchrun (gradients averaged by all-reduce; see
+      average_gradients). Each process draws its own patch ids, noise and flips and sees its
+      share of A; PatchNCE, pooled negatives and image pools stay per process. Effective batch:
+      processes × --batch_size; LR unscaled.
+  F20 Changed: every gradient is right at batch size 1. torch 2.13 and 2.14 on the CPU get
+      instance norm's backward wrong at batch 1 for an incoming gradient with channels-last
+      strides, which the official patch sampler (permute, then pick) sends into the tapped
+      ResNet blocks: the official code at batch 1 on these builds learns from a wrong G gradient
+      (one CUT step: 84% relative error, cosine 0.63; DCLGAN and SimDCL worse). Here the sampler
+      picks before it transposes, and every instance norm makes its incoming gradient contiguous
+      (NEGCUT's mean embedding, --fast too).
+  F21 Hneg-SRC. Kept from the official code: the preset is its README's horse2zebra recipe, not
+      its flag defaults (λ_HDCE 1, λ_SRC 1, γ 1, no identity term); the weights, softmax(z·z/γ)
+      over the keys with the diagonal at −10 and divided by the row maximum, multiply the
+      negative logits (the paper's von Mises-Fisher density exp(γ·z·z⁻) sharpens with γ, the
+      code's weights smooth); the logged HDCE is the weighted cross-entropy, not the decoupled
+      loss it differentiates; L_SRC sums all S×S entries, averaged over layers, on the main
+      branch only. Changed: patch ids are drawn on the keys (official: on the queries; the same
+      distribution); the weights per group of negatives and the relations per image (official:
+      over the whole batch, which runs at batch 1 only); identical at batch 1. In DCLGAN and
+      SimDCL (no hDCE or SRC officially) each direction gets its own, averaged as every term
+      there is.
+  F22 QS-Attn. Kept: the global variant, the one its README trains; attention on raw features
+      without scaling; the deepest taps only (officially the 4th and 5th of 5, at 256² the
+      smallest maps, our rule); the attention rows are not detached. Changed: entropy from
+      log_softmax (official: log of the softmax, infinities set to 0; equal up to rounding). Not
+      included: local variants.
+  F23 Evaluation (not the methods' code: pytorch-fid's protocol). Its network and features
+      exactly; tr (Σ1 Σ2)^½ from a symmetric eigendecomposition, not scipy's sqrtm (the same up
+      to rounding); images of any size, in subfolders too (pytorch-fid: one folder, batches of
+      equal sizes).
+  F24 Changed: --input_nc and --output_nc are honoured (the official dataset makes every image
+      RGB whatever they say): 1 channel reads grayscale, and every network is built for it.
 Not included: display servers, HTML pages, dataset downloads, UNet/StyleGAN generators,
 SinCUT, DataParallel, CUDA graphs, wandb.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import datetime
+import fcntl
 import hashlib
 import itertools
 import json
@@ -212,6 +214,7 @@ import math
 import os
 import platform
 import random
+import re
 import shlex
 import signal
 import sys
@@ -241,14 +244,13 @@ from torch.utils.flop_counter import FlopCounterMode
 # -----------------------------------------------------------------------------
 # 1. Building blocks: blur resampling, instance norm, ResNet block, init
 # -----------------------------------------------------------------------------
-# The CUT lineage replaces strided convolutions with "blur, then subsample" (Zhang,
-# "Making Convolutional Networks Shift-Invariant Again", ICML 2019, arXiv 1904.11486).
-# A stride-2 convolution keeps every second pixel of its output, so detail finer
-# than two pixels folds back as coarse false patterns (aliasing: checkerboards, and
-# outputs that change when the input shifts by one pixel). A fixed low-pass filter
-# before the subsampling removes that detail first. Both filters are persistent
-# buffers named `filt`, not parameters: they are never trained, but they sit in
-# every official checkpoint, so keeping them is what lets those files load.
+# The CUT lineage replaces strided convolutions with "blur, then subsample" (Zhang, "Making
+# Convolutional Networks Shift-Invariant Again", ICML 2019, arXiv 1904.11486). A stride-2
+# convolution keeps every second pixel of its output, so detail finer than two pixels folds back as
+# coarse false patterns (aliasing: checkerboards, and outputs that change when the input shifts by
+# one pixel). A fixed low-pass filter before the subsampling removes that detail first. Both
+# filters are persistent buffers named `filt`, not parameters: they are never trained, but they sit
+# in every official checkpoint, so keeping them is what lets those files load.
 
 class Downsample(nn.Module):
     """Blur with [1,2,1]ᵀ⊗[1,2,1]/16, then keep every second pixel.
@@ -287,18 +289,16 @@ class Upsample(nn.Module):
 
 
 class InstanceNorm(nn.InstanceNorm2d):
-    """Instance norm, as in every network here: each image and channel is
-    normalised to mean 0 and variance 1 over its h×w positions, with no affine
-    parameters and no running statistics. It removes each image's contrast and
-    brightness per channel, which is style, not content (Ulyanov et al. 2016,
-    arXiv 1607.08022), and it has no state at all. It normalises each image
-    alone, so several images stacked in one batch give exactly the outputs they
-    would give one by one; the steps rely on that to batch their passes (F9).
+    """Instance norm, as in every network here: each image and channel is normalised to mean 0 and
+    variance 1 over its h×w positions, with no affine parameters and no running statistics. It
+    removes each image's contrast and brightness per channel, which is style, not content (Ulyanov
+    et al. 2016, arXiv 1607.08022), and it has no state at all. It normalises each image alone, so
+    several images stacked in one batch give exactly the outputs they would give one by one; the
+    steps rely on that to batch their passes (F9).
 
-    Its backward pass gets a contiguous gradient, which costs nothing when it
-    already is (F20: torch 2.13 and 2.14 compute instance norm's backward wrongly
-    on the CPU at batch size 1 for a channels-last gradient; §4 says where such
-    gradients come from)."""
+    Its backward pass gets a contiguous gradient, which costs nothing when it already is (F20:
+    torch 2.13 and 2.14 compute instance norm's backward wrongly on the CPU at batch size 1 for a
+    channels-last gradient; §4 says where such gradients come from)."""
 
     def __init__(self, channels: int):
         super().__init__(channels, affine=False, track_running_stats=False)
@@ -335,11 +335,10 @@ class ResnetBlock(nn.Module):
 def init_weights(net: nn.Module, init_type: str = "xavier", gain: float = 0.02) -> nn.Module:
     """Every conv and linear weight, biases 0. CUT lineage (--init_type xavier
     --init_gain 0.02): xavier_normal, std = 0.02·√(2/(fan_in+fan_out)), so an
-    untrained G outputs an almost uniform grey. Upstream CycleGAN: N(0, 0.02²).
-    The instance norms rescale every normalised layer, so the small weights do
-    not starve G's inner features; what stays small at first is what no norm
-    follows: G's last conv (hence the grey), D's last conv (scores near 0) and
-    the heads' outputs (F13). Every network of every mode is built this way."""
+    untrained G outputs an almost uniform grey. Upstream CycleGAN: N(0, 0.02²). The instance norms
+    rescale every normalised layer, so the small weights do not starve G's inner features; what
+    stays small at first is what no norm follows: G's last conv (hence the grey), D's last conv
+    (scores near 0) and the heads' outputs (F13). Every network of every mode is built this way."""
     for module in net.modules():
         if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
             if init_type == "xavier":
@@ -355,6 +354,17 @@ def set_requires_grad(net: nn.Module, flag: bool) -> None:
     through to its input, which is how G learns from D without changing it."""
     for p in net.parameters():
         p.requires_grad_(flag)
+
+
+def optimise(loss: torch.Tensor, *opts: torch.optim.Optimizer) -> None:
+    """One update: clear the gradients of the optimisers' parameters, one backward
+    pass of loss, one step of each optimiser. (No other backward pass runs between
+    a step's start and this call, so clearing here equals clearing at the start.)"""
+    for opt in opts:
+        opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for opt in opts:
+        opt.step()
 
 
 def unit(z: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -385,40 +395,38 @@ def unit(z: torch.Tensor, dim: int = 1) -> torch.Tensor:
 #   21   Upsample(256), 22-24 conv3 256→128, IN, ReLU     128×128×128
 #   25   Upsample(128), 26-28 conv3 128→64, IN, ReLU      64×256×256
 #  29-31 ReflectionPad2d(3), conv7 64→3, Tanh             3×256×256
-# Through the convolutions alone, the taps see 1, 9, 15, 35 and 99 pixels of the
-# input: from single pixels to object parts, which is why PatchNCE uses several
-# layers. (Every instance norm also mixes in statistics of the whole image, so
-# strictly each tap depends on all of it.)
+# Through the convolutions alone, the taps see 1, 9, 15, 35 and 99 pixels of the input: from single
+# pixels to object parts, which is why PatchNCE uses several layers. (Every instance norm also
+# mixes in statistics of the whole image, so strictly each tap depends on all of it.)
 # --no_antialias (stride-2 convs down) and --no_antialias_up (transposed convs up)
 # give upstream CycleGAN's 28-entry G (keys model.{1,4,7,10..18,19,22,26}): the
 # same parameter count, other indices, so the tap list then means other layers.
+# in_nc and out_nc (official --input_nc, --output_nc; 3) are the channels of the
+# images G reads and writes: 1 for a grayscale domain (thermal, sketches, scans).
 #
-# The taps. PatchNCE compares features of the input x with features of the output
-# G(x), both from G's own encoder (its first layers): the paper's G_enc. The
-# official code runs extra encoder passes for them, stopping after the last tapped
-# layer (G.encode). The features of x are exactly the activations of the
-# translation pass G(x) itself (the same weights, the same input), so G(x, taps)
-# also returns them, and the steps use them as the keys instead of running
-# G.encode(x) again: one encoder pass fewer per PatchNCE term, the same numbers
-# (F9). Both go through the one loop in `run`.
+# The taps. PatchNCE compares features of the input x with features of the output G(x), both from
+# G's own encoder (its first layers): the paper's G_enc. The official code runs extra encoder
+# passes for them, stopping after the last tapped layer (G.encode). The features of x are exactly
+# the activations of the translation pass G(x) itself (the same weights, the same input), so
+# G(x, taps) also returns them, and the steps use them as the keys instead of running G.encode(x)
+# again: one encoder pass fewer per PatchNCE term, the same numbers (F9). Both go through the one
+# loop in `run`.
 
 class Generator(nn.Module):
     def __init__(self, ngf: int = 64, antialias: bool = True, antialias_up: bool = True,
-                 n_blocks: int = 9):
+                 n_blocks: int = 9, in_nc: int = 3, out_nc: int = 3):
         super().__init__()
-        layers = [nn.ReflectionPad2d(3), nn.Conv2d(3, ngf, 7), norm(ngf), nn.ReLU(True)]
-        for mult in (1, 2):                                   # 2 × (conv, IN, ReLU, blur-down)
-            c = ngf * mult
+        layers = [nn.ReflectionPad2d(3), nn.Conv2d(in_nc, ngf, 7), norm(ngf), nn.ReLU(True)]
+        for c in (ngf, 2 * ngf):                              # 2 × (conv, IN, ReLU, blur-down)
             layers += ([nn.Conv2d(c, 2 * c, 3, padding=1), norm(2 * c), nn.ReLU(True),
                         Downsample(2 * c)] if antialias else
                        [nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), norm(2 * c), nn.ReLU(True)])
         layers += [ResnetBlock(4 * ngf) for _ in range(n_blocks)]
-        for mult in (4, 2):                                   # 2 × (blur-up, conv, IN, ReLU)
-            c = ngf * mult
+        for c in (4 * ngf, 2 * ngf):                          # 2 × (blur-up, conv, IN, ReLU)
             layers += ([Upsample(c), nn.Conv2d(c, c // 2, 3, padding=1)] if antialias_up else
                        [nn.ConvTranspose2d(c, c // 2, 3, stride=2, padding=1, output_padding=1)])
             layers += [norm(c // 2), nn.ReLU(True)]
-        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, 3, 7), nn.Tanh()]
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, out_nc, 7), nn.Tanh()]
         self.model = nn.Sequential(*layers)
 
     def forward(self, x, taps: tuple | None = None):
@@ -444,8 +452,7 @@ class Generator(nn.Module):
                 return None, feats + [x]
             after = self.model[index + 1] if index + 1 < len(self.model) else None
             # The last tap as encode leaves it: an in-place ReLU would overwrite it.
-            keep = index == taps[-1] and getattr(after, "inplace", False)
-            feats.append(x.clone() if keep else x)
+            feats.append(x.clone() if index == taps[-1] and getattr(after, "inplace", False) else x)
         if encode_only:
             raise ValueError(f"layer ids {taps} go beyond G's {len(self.model)} layers")
         return x, feats
@@ -453,7 +460,7 @@ class Generator(nn.Module):
     def tap_channels(self, layer_ids: tuple) -> list:
         """Channel count at each tapped layer, read off the layer list, so H can
         be built before any image is seen (F5)."""
-        channels, out = 3, []
+        channels, out = self.model[1].in_channels, []
         for index, layer in enumerate(self.model):
             channels = getattr(layer, "out_channels", channels)
             if index in layer_ids:
@@ -467,12 +474,11 @@ class Generator(nn.Module):
 # -----------------------------------------------------------------------------
 # 3. The discriminator D, the adversarial loss and D's step
 # -----------------------------------------------------------------------------
-# The 70×70 PatchGAN of pix2pix (Isola et al., arXiv 1611.07004): a small conv
-# net whose output is a map of real/fake scores, one per overlapping patch, so
-# it judges texture and local structure, not global layout. The CUT code
-# replaces each stride-2 conv by conv-stride-1 + Downsample, which widens the
-# receptive field to 84×84 but keeps the 30×30 output at 256×256 input.
-# (--no_antialias: upstream's stride-2 convs, keys model.{0,2,5,8,11}.)
+# The 70×70 PatchGAN of pix2pix (Isola et al., arXiv 1611.07004): a small conv net whose output is
+# a map of real/fake scores, one per overlapping patch, so it judges texture and local structure,
+# not global layout. The CUT code replaces each stride-2 conv by conv-stride-1 + Downsample, which
+# widens the receptive field to 84×84 but keeps the 30×30 output at 256×256 input. (--no_antialias:
+# upstream's stride-2 convs, keys model.{0,2,5,8,11}.)
 #   0-2  conv4 3→64, LReLU(0.2), Downsample                 64×128×128
 #   3-6  conv4 64→128, IN, LReLU, Downsample                128×64×64
 #   7-10 conv4 128→256, IN, LReLU, Downsample               256×32×32
@@ -480,15 +486,14 @@ class Generator(nn.Module):
 #   14   conv4 512→1 (no sigmoid: the GAN loss decides)     1×30×30
 
 class Discriminator(nn.Module):
-    def __init__(self, ndf: int = 64, antialias: bool = True):
+    def __init__(self, ndf: int = 64, antialias: bool = True, in_nc: int = 3):
         super().__init__()
         stride = 1 if antialias else 2
 
         def down(c):
             return [Downsample(c)] if antialias else []
-        layers = [nn.Conv2d(3, ndf, 4, stride, padding=1), nn.LeakyReLU(0.2, True), *down(ndf)]
-        for mult in (1, 2):
-            c = ndf * mult
+        layers = [nn.Conv2d(in_nc, ndf, 4, stride, padding=1), nn.LeakyReLU(0.2, True), *down(ndf)]
+        for c in (ndf, 2 * ndf):
             layers += [nn.Conv2d(c, 2 * c, 4, stride, padding=1), norm(2 * c),
                        nn.LeakyReLU(0.2, True), *down(2 * c)]
         layers += [nn.Conv2d(4 * ndf, 8 * ndf, 4, padding=1), norm(8 * ndf),
@@ -506,11 +511,10 @@ def gan_loss(prediction: torch.Tensor, target_is_real: bool, gan_mode: str) -> t
         lsgan  real: mean((p − 1)²)     fake: mean(p²)
     [hinge: used by DCLGAN; official DCLGAN code, networks.py]
         hinge  real: mean(relu(1 − p))  fake: mean(relu(1 + p))
-    Least squares instead of the original log loss: its gradient does not
-    vanish for fakes that D already rejects with confidence, so G keeps
-    learning. The generator asks for "real" on its fakes: L_G = lsgan_real(D(G(x))).
-    Official quirk, kept (F11): DCLGAN's code uses hinge, and its generator loss is therefore
-    mean(relu(1 − D(G(x)))), not the more common −mean(D(G(x)))."""
+    Least squares instead of the original log loss: its gradient does not vanish for fakes that D
+    already rejects with confidence, so G keeps learning. The generator asks for "real" on its
+    fakes: L_G = lsgan_real(D(G(x))). Official quirk, kept (F11): DCLGAN's code uses hinge, and its
+    generator loss is therefore mean(relu(1 − D(G(x)))), not the more common −mean(D(G(x)))."""
     if gan_mode == "lsgan":
         return ((prediction - 1) ** 2).mean() if target_is_real else (prediction ** 2).mean()
     if gan_mode == "hinge":
@@ -521,22 +525,19 @@ def gan_loss(prediction: torch.Tensor, target_is_real: bool, gan_mode: str) -> t
 def discriminator_step(opt, judged: list, cfg) -> list:
     """D's update, the same in every method: for each (D, real, fake) triple,
         L_D = 0.5·[gan(D(real), real) + gan(D(stopgrad(fake)), fake)]
-    (LSGAN paper, Eq. 2; official CUT code, cut_model.py compute_D_loss). D
-    learns to score real images 1 and fakes 0 (lsgan) while G stays fixed: the
-    fakes are detached. The 0.5 slows D down relative to G; L_D is never
-    multiplied by λ_GAN (official). Real and fake images go through D in one
-    call, exact because no layer of D mixes images (F9). One Adam step covers
-    every D of the list. Returns the (real, fake) terms of each triple."""
+    (LSGAN paper, Eq. 2; official CUT code, cut_model.py compute_D_loss). D learns to score real
+    images 1 and fakes 0 (lsgan) while G stays fixed: the fakes are detached. The 0.5 slows D down
+    relative to G; L_D is never multiplied by λ_GAN (official). Real and fake images go through D
+    in one call, exact because no layer of D mixes images (F9). One Adam step covers every D of the
+    list. Returns the (real, fake) terms of each triple."""
     for D, _, _ in judged:
         set_requires_grad(D, True)
-    opt.zero_grad(set_to_none=True)
     terms = []
     for D, real, fake in judged:
         scores = D(torch.cat([fake.detach(), real]))           # 2n×1×h'×w'
         terms.append((gan_loss(scores[len(fake):], True, cfg.gan_mode),
                       gan_loss(scores[:len(fake)], False, cfg.gan_mode)))
-    sum(0.5 * (real + fake) for real, fake in terms).backward()
-    opt.step()
+    optimise(sum(0.5 * (real + fake) for real, fake in terms), opt)
     for D, _, _ in judged:                                    # frozen again: G's step sends its
         set_requires_grad(D, False)                           # gradients through D, not into it
     return terms
@@ -545,12 +546,11 @@ def discriminator_step(opt, judged: list, cfg) -> list:
 # -----------------------------------------------------------------------------
 # 4. PatchNCE: the projection head H and the contrastive loss
 # -----------------------------------------------------------------------------
-# CUT's idea (CUT paper §3): an output patch should be more like the input patch
-# at its own location than like any other input patch. If G keeps each location's
-# content, a patch of G(x) can point out where it came from; if G moved or erased
-# content, it cannot. This replaces CycleGAN's second generator and its cycle
-# loss: one generator, one direction, no assumption that the mapping is invertible.
-# The comparison happens in feature space, on G's own encoder features at several
+# CUT's idea (CUT paper §3): an output patch should be more like the input patch at its own
+# location than like any other input patch. If G keeps each location's content, a patch of G(x) can
+# point out where it came from; if G moved or erased content, it cannot. This replaces CycleGAN's
+# second generator and its cycle loss: one generator, one direction, no assumption that the mapping
+# is invertible. The comparison happens in feature space, on G's own encoder features at several
 # depths (the taps of §2), each sent through a small head H to a unit vector.
 #   keys      k = H(G_enc(x)): S sampled locations of the input's features
 #   queries   q = H(G_enc(G(x))): the same S locations of the output's features
@@ -559,12 +559,11 @@ def discriminator_step(opt, judged: list, cfg) -> list:
 # layer (patch_nce_loss), and the loss between two images (nce_between).
 
 class ProjectionHead(nn.Module):
-    """H (official PatchSampleF): for each tapped layer l, pick S positions of the
-    map and send each position's C_l-vector through a two-layer MLP to a unit
-    E-vector. As in SimCLR (Chen et al. 2020, arXiv 2002.05709), the loss acts
-    on H's output, not on the features themselves, so the encoder may keep
-    information the loss has no use for; H is trained with G.
-    Keys mlp_0, mlp_1, ... (official): Linear(C_l → E), ReLU, Linear(E → E)."""
+    """H (official PatchSampleF): for each tapped layer l, pick S positions of the map and send
+    each position's C_l-vector through a two-layer MLP to a unit E-vector. As in SimCLR (Chen et
+    al. 2020, arXiv 2002.05709), the loss acts on H's output, not on the features themselves, so
+    the encoder may keep information the loss has no use for; H is trained with G. Keys mlp_0,
+    mlp_1, ... (official): Linear(C_l → E), ReLU, Linear(E → E)."""
 
     def __init__(self, in_channels: list, width: int = 256):
         super().__init__()
@@ -578,12 +577,11 @@ class ProjectionHead(nn.Module):
         """feats: L maps n×C_l×h_l×w_l. Returns L tensors (n·S_l)×E, image-major,
         with S_l = min(S, h_l·w_l), and the L position-id sets used.
 
-        Without patch_ids, draws one random set of positions per layer, shared by
-        every image of the batch (official, F2). PatchNCE samples the keys first
-        and passes their ids for the queries, so row i of both is one location.
-        select="qsattn" (§8, QS-Attn): on the deepest taps (the smallest maps)
-        each sample is instead an attention-weighted sum of positions, and the
-        "ids" of that layer are the n×S×(h·w) attention rows."""
+        Without patch_ids, draws one random set of positions per layer, shared by every image of
+        the batch (official, F2). PatchNCE samples the keys first and passes their ids for the
+        queries, so row i of both is one location. select="qsattn" (§8, QS-Attn): on the deepest
+        taps (the smallest maps) each sample is instead an attention-weighted sum of positions, and
+        the "ids" of that layer are the n×S×(h·w) attention rows."""
         out, ids_out = [], []
         smallest = min(f.shape[2] * f.shape[3] for f in feats)
         for index, feat in enumerate(feats):
@@ -594,17 +592,15 @@ class ProjectionHead(nn.Module):
                 ids = query_selected_rows(flat, num_patches)  # n×S×(h·w), §8
             else:                                             # drawn on the device: no host copy
                 ids = torch.randperm(flat.shape[2], device=feat.device)[:num_patches]
-            # Pick first, transpose after: the backward of this indexing (or of
-            # the product with the attention rows) writes a contiguous gradient;
-            # the official permute-first order sends a channels-last one into
-            # the taps' instance norms (F20).
+            # Pick first, transpose after: the backward of this indexing (or of the product with
+            # the attention rows) writes a contiguous gradient; the official permute-first order
+            # sends a channels-last one into the taps' instance norms (F20).
             if ids.is_floating_point():                       # v = A_QS·F, n×C×S first
                 picked = torch.bmm(flat, ids.to(flat.dtype).transpose(1, 2))
             else:
                 picked = flat[:, :, ids]
             picked = picked.transpose(1, 2).flatten(0, 1)     # (n·S_l)×C
-            z = getattr(self, f"mlp_{index}")(picked)         # (n·S_l)×E
-            out.append(unit(z))
+            out.append(unit(getattr(self, f"mlp_{index}")(picked)))  # (n·S_l)×E
             ids_out.append(ids)
         return out, ids_out
 
@@ -619,19 +615,17 @@ def patch_nce_loss(feat_q: torch.Tensor, feat_k: torch.Tensor, groups: int,
         for row i (a query q_i, its positive key k_i, the keys k_j of the other
         S−1 sampled locations of the same image as negatives):
         ℓ_i = −log( exp(q_i·k_i/τ) / ( exp(q_i·k_i/τ) + exp(−10/τ) + Σ_(j≠i) exp(q_i·k_j/τ) ) )
-    i.e. a cross-entropy over S + 1 candidates whose right answer is the
-    positive. Shapes: feat_q, feat_k (n·S)×E unit vectors, image-major -> ℓ of
-    shape (n·S). The caller takes the mean over patches, then over layers (the
-    paper writes sums; every λ in the code refers to the means).
+    i.e. a cross-entropy over S + 1 candidates whose right answer is the positive. Shapes: feat_q,
+    feat_k (n·S)×E unit vectors, image-major -> ℓ of shape (n·S). The caller takes the mean over
+    patches, then over layers (the paper writes sums; every λ in the code refers to the means).
 
-    Why detached keys (official code; the paper is silent, F2): the input's
-    encoding is the fixed target, the gradient enters only through the queries,
-    i.e. through G(x). Why −10 on the diagonal (F1): that entry repeats the
-    positive; −10/τ leaves exp(−142.9) = 0 in fp32 (the official README's
-    pseudocode uses −inf). Why τ = 0.07: a small temperature sharpens the
-    softmax, so the loss concentrates on the negatives that resemble the
-    positive. Why negatives from the same image: they share the image's style,
-    so only content tells the positive apart, and content is what must be kept.
+    Why detached keys (official code; the paper is silent, F2): the input's encoding is the fixed
+    target, the gradient enters only through the queries, i.e. through G(x). Why −10 on the
+    diagonal (F1): that entry repeats the positive; −10/τ leaves exp(−142.9) = 0 in fp32 (the
+    official README's pseudocode uses −inf). Why τ = 0.07: a small temperature sharpens the
+    softmax, so the loss concentrates on the negatives that resemble the positive. Why negatives
+    from the same image: they share the image's style, so only content tells the positive apart,
+    and content is what must be kept.
 
     groups: the number of groups whose patches serve as each other's negatives.
     n (one per image) is CUT's loss; 1 pools the whole batch, so the negatives
@@ -663,14 +657,11 @@ def patch_nce_loss(feat_q: torch.Tensor, feat_k: torch.Tensor, groups: int,
     feat_k, feat_q = feat_k.detach().to(dtype), feat_q.to(dtype)  # amplifies rounding errors
     l_pos = (feat_q * feat_k).sum(dim=1, keepdim=True)        # (n·S)×1
     q = feat_q.view(groups, -1, feat_q.shape[1])              # groups×P×E, P = n·S/groups
-    if negatives is None:                                     # the group's other keys: groups×P×P
-        k = feat_k.view(groups, -1, feat_k.shape[1])
-        l_neg = torch.bmm(q, k.transpose(1, 2))
+    k = feat_k if negatives is None else negatives.to(dtype)  # the group's keys, or NEGCUT's
+    l_neg = torch.bmm(q, k.view(groups, -1, k.shape[1]).transpose(1, 2))  # groups×P×P or n×S×K
+    if negatives is None:                                     # each query's own key: masked
         diagonal = torch.eye(q.shape[1], dtype=torch.bool, device=q.device)[None]
         l_neg = l_neg.masked_fill(diagonal, -10.0)
-    else:                                                     # NEGCUT's: n×S×K
-        negs = negatives.to(dtype).view(groups, -1, negatives.shape[1])
-        l_neg = torch.bmm(q, negs.transpose(1, 2))
     l_neg = l_neg.flatten(0, 1)                               # (n·S)×P or (n·S)×K
     logits = torch.cat([l_pos, l_neg], dim=1) / tau           # class 0 is the positive
     if hard_beta and negatives is None:
@@ -707,10 +698,9 @@ def nce_between(source, output, G, H, cfg, *, G_query=None, H_query=None, feat_k
       feat_k: the source's tapped activations, if the step has them from its
         translation pass (§2: the same values as G.encode(source), F9).
       flip_back (FastCUT, §5): the output was made from a flipped input;
-        flipping its feature maps back lines them up with the unflipped
-        source's, so the loss asks for G(flip(x)) = flip(G(x)). (After a
-        stride-2 blur the flipped grid is offset by one pixel; so is the
-        official code's.)
+        flipping its feature maps back lines them up with the unflipped source's, so the loss asks
+        for G(flip(x)) = flip(G(x)). (After a stride-2 blur the flipped grid is offset by one
+        pixel; so is the official code's.)
       make_negatives (NEGCUT, §7): a function of the source's feature maps that
         returns L × (n·K)×E negatives, which replace the in-image ones.
       negatives_only (NEGCUT's N step): only the negatives carry gradient.
@@ -725,20 +715,17 @@ def nce_between(source, output, G, H, cfg, *, G_query=None, H_query=None, feat_k
         feat_q = (G_query or G).encode(output, layers)                   # q = H(G_enc(G(x)))
         feat_q = [f.flip(3) for f in feat_q] if flip_back else feat_q
         queries, _ = (H_query or H)(feat_q, S, patch_ids)                # the keys' locations
-    negs = None
-    if make_negatives is not None:                            # L × (n·K)×E
-        negs = make_negatives([f.detach() for f in feat_k] if negatives_only else feat_k)
+    negs = (make_negatives([f.detach() for f in feat_k] if negatives_only else feat_k)
+            if make_negatives is not None else None)          # L × (n·K)×E
     groups = 1 if cfg.nce_includes_all_negatives_from_minibatch else source.shape[0]  # F4
     with torch.autocast(source.device.type, enabled=False):  # logits in fp32 under --fast
-        if cfg.nce_loss == "hdce":
-            gamma = hdce_gamma(cfg, epoch)
-            layer_losses = [hdce_loss(q, k, groups, cfg.nce_T, gamma).mean()
+        if cfg.nce_loss == "hdce":                            # γ: the epoch's, §8
+            layer_losses = [hdce_loss(q, k, groups, cfg.nce_T, hdce_gamma(cfg, epoch)).mean()
                             for q, k in zip(queries, keys)]
         else:
             layer_losses = [patch_nce_loss(q, k, groups, cfg.nce_T, cfg.nce_hard_beta, n).mean()
                             for q, k, n in zip(queries, keys, negs or [None] * len(keys))]
-    loss = cfg.lambda_NCE * torch.stack(layer_losses).mean()
-    return PatchNCE(loss, keys, queries, feat_q, negs)
+    return PatchNCE(cfg.lambda_NCE * torch.stack(layer_losses).mean(), keys, queries, feat_q, negs)
 
 
 # -----------------------------------------------------------------------------
@@ -747,27 +734,24 @@ def nce_between(source, output, G, H, cfg, *, G_query=None, H_query=None, feat_k
 # CUT trains one generator G: A→B, the PatchGAN D on B images and the head H.
 #   L_CUT = λ_GAN·L_GAN(G, D, X, Y) + λ_X·ℓ_PatchNCE(G, H, X) + λ_Y·ℓ_PatchNCE(G, H, Y)
 #                                                              [CUT paper §3.3, Eq. 5]
-# The adversarial term makes G(x) look like a B image. The first PatchNCE term
-# ties each patch of G(x) to the patch of x at its place, so the content stays.
-# The second, on y → G(y) for B images y, keeps G from changing what needs no
-# change: the paper calls it a learned, domain-specific form of the identity
-# loss of earlier methods (CUT paper §3.2). λ_X = λ_Y = 1 in CUT.
-# FastCUT (the paper's lighter variant) drops the second term, which halves the
-# generator work, raises λ_X to 10, and adds flip-equivariance: on half the
-# steps the input is flipped left-right, and the NCE then asks that
-# G(flip(x)) = flip(G(x)), a cheap constraint in place of the identity term.
-# The official code averages the two NCE terms (×0.5 each) where the paper
-# adds them; the presets' λ refer to the code.
+# The adversarial term makes G(x) look like a B image. The first PatchNCE term ties each patch of
+# G(x) to the patch of x at its place, so the content stays. The second, on y → G(y) for B images
+# y, keeps G from changing what needs no change: the paper calls it a learned, domain-specific form
+# of the identity loss of earlier methods (CUT paper §3.2). λ_X = λ_Y = 1 in CUT. FastCUT (the
+# paper's lighter variant) drops the second term, which halves the generator work, raises λ_X to
+# 10, and adds flip-equivariance: on half the steps the input is flipped left-right, and the NCE
+# then asks that G(flip(x)) = flip(G(x)), a cheap constraint in place of the identity term. The
+# official code averages the two NCE terms (×0.5 each) where the paper adds them; the presets' λ
+# refer to the code.
 #
 # One iteration, in order: the forward pass (cut_forward), D's step, then G's
 # and H's step (cut_generator_step). NEGCUT (§7) runs the same three pieces
 # with a step of its own in between. The forward pass is done once and shared:
-# D's step sees fake_b detached, G's step backpropagates through it. Two
-# savings, both exact (F9): real_a and real_b go through G as one batch, and
-# the keys are that pass's activations at the taps (§2).
-# Hneg-SRC (§8) runs this same step: --nce_loss hdce changes the loss inside
-# nce_between, and --lambda_SRC adds the relation term on the patches that the
-# main branch (real_a -> fake_b) sampled, as its official code does.
+# D's step sees fake_b detached, G's step backpropagates through it. Two savings, both exact (F9):
+# real_a and real_b go through G as one batch, and the keys are that pass's activations at the taps
+# (§2). Hneg-SRC (§8) runs this same step: --nce_loss hdce changes the loss inside nce_between, and
+# --lambda_SRC adds the relation term on the patches that the main branch (real_a -> fake_b)
+# sampled, as its official code does.
 
 class CutForward(NamedTuple):
     """The forward pass of one CUT-lineage step."""
@@ -780,21 +764,16 @@ class CutForward(NamedTuple):
 
 
 def cut_forward(G, real_a, real_b, cfg) -> CutForward:
-    """y = G(x) for x = [real_a; real_b] when the identity term is on (one pass
-    for both: exact, instance norm works per image, F9), else for real_a. Its
-    tapped activations are the keys of the NCE terms. FastCUT flips x at
-    random (one coin per step); a flipped pass cannot give the unflipped keys,
-    so then nce_between encodes the sources itself."""
+    """y = G(x) for x = [real_a; real_b] when the identity term is on (one pass for both: exact,
+    instance norm works per image, F9), else for real_a. Its tapped activations are the keys of the
+    NCE terms. FastCUT flips x at random (one coin per step); a flipped pass cannot give the
+    unflipped keys, so then nce_between encodes the sources itself."""
     n = real_a.shape[0]
     x = torch.cat([real_a, real_b]) if cfg.nce_idt and cfg.lambda_NCE > 0 else real_a
     flipped = cfg.flip_equivariance and float(torch.rand(())) < 0.5
-    if flipped:
-        x = x.flip(3)
-        out, taps = G(x), None
-    else:
-        out, taps = G(x, cfg.layer_ids)
-    keys_a = [t[:n] for t in taps] if taps else None
-    keys_b = [t[n:] for t in taps] if taps else None
+    x = x.flip(3) if flipped else x
+    out, taps = (G(x), None) if flipped else G(x, cfg.layer_ids)
+    keys_a, keys_b = ([t[:n] for t in taps], [t[n:] for t in taps]) if taps else (None, None)
     return CutForward(x, out[:n], out[n:], keys_a, keys_b, flipped)
 
 
@@ -805,13 +784,11 @@ def cut_nce(nets, forward: CutForward, real_a, real_b, cfg, **switches) -> tuple
     Returns (NCE, NCE_Y or None) as PatchNCE results; switches go to nce_between."""
     if cfg.lambda_NCE == 0:
         return None, None
-    G, H = nets["G"], nets["H"]
-    nce_main = nce_between(real_a, forward.fake_b, G, H, cfg, feat_k=forward.keys_a,
-                           flip_back=forward.flipped, **switches)
+    G, H, switches = nets["G"], nets["H"], dict(flip_back=forward.flipped, **switches)
+    nce_main = nce_between(real_a, forward.fake_b, G, H, cfg, feat_k=forward.keys_a, **switches)
     if forward.idt_b.shape[0] == 0:
         return nce_main, None
-    nce_idt = nce_between(real_b, forward.idt_b, G, H, cfg, feat_k=forward.keys_b,
-                          flip_back=forward.flipped, **switches)
+    nce_idt = nce_between(real_b, forward.idt_b, G, H, cfg, feat_k=forward.keys_b, **switches)
     return nce_main, nce_idt
 
 
@@ -824,21 +801,23 @@ def combined_nce(nce_main, nce_idt, zero) -> torch.Tensor:
     return nce_main.loss if nce_idt is None else 0.5 * (nce_main.loss + nce_idt.loss)
 
 
+def reported(losses: dict) -> dict:
+    """What a step returns: its losses detached (no graph kept), without the terms
+    that are off (None)."""
+    return {k: v.detach() for k, v in losses.items() if v is not None}
+
+
 def cut_generator_step(nets, opts, forward: CutForward, real_a, real_b, cfg,
                        make_negatives: Callable | None = None, epoch: int = 1) -> dict:
     """G's and H's step, D frozen (gradients pass through it to G):
         L_G = λ_GAN·lsgan(D(fake_b), real) + 0.5·(NCE + NCE_Y)     (identity term on)
         L_G = λ_GAN·lsgan(D(fake_b), real) + NCE                   (FastCUT)
-    plus Hneg-SRC's relation term (§8) and the perceptual terms (§10) when
-    switched on. One backward, then one Adam step each for G and H.
-    make_negatives: NEGCUT's, passed to nce_between. Logged as NCE and NCE_Y, or
-    as Hneg-SRC's HDCE and HDCE_Y under --nce_loss hdce."""
-    D = nets["D"]
-    opts["G"].zero_grad(set_to_none=True)
-    opts["H"].zero_grad(set_to_none=True)
+    plus Hneg-SRC's relation term (§8) and the perceptual terms (§10) when switched on. One
+    backward, then one Adam step each for G and H. make_negatives: NEGCUT's, passed to nce_between.
+    Logged as NCE and NCE_Y, or as Hneg-SRC's HDCE and HDCE_Y under --nce_loss hdce."""
     zero = real_a.new_zeros(())
     # λ_GAN·L_GAN(G, D, X, Y): G wants D to call its fakes real.
-    loss_G_GAN = cfg.lambda_GAN * gan_loss(D(forward.fake_b), True, cfg.gan_mode) \
+    loss_G_GAN = cfg.lambda_GAN * gan_loss(nets["D"](forward.fake_b), True, cfg.gan_mode) \
         if cfg.lambda_GAN > 0 else zero
     # λ_X·ℓ_PatchNCE(G, H, X) and λ_Y·ℓ_PatchNCE(G, H, Y): content kept, B images left alone.
     nce_main, nce_idt = cut_nce(nets, forward, real_a, real_b, cfg, make_negatives=make_negatives,
@@ -847,24 +826,13 @@ def cut_generator_step(nets, opts, forward: CutForward, real_a, real_b, cfg,
     n = real_a.shape[0]
     # λ_SRC·L_SRC (Hneg-SRC, §8): the patches of fake_b keep real_a's relations.
     loss_src = relation_term(nce_main, n, cfg) if cfg.lambda_SRC > 0 else None
-    if loss_src is not None:
-        loss_G = loss_G + loss_src
     identity_pairs = [(forward.idt_b, forward.x[n:])] if nce_idt is not None else []
     loss_perc = perceptual_terms(nets, cfg, [identity_pairs], [(forward.fake_b, forward.x[:n])])
-    if loss_perc is not None:                                 # x: the input as G saw it
-        loss_G = loss_G + loss_perc
-    loss_G.backward()
-    opts["G"].step()
-    opts["H"].step()
+    loss_G = sum((t for t in (loss_src, loss_perc) if t is not None), loss_G)  # x: as G saw it
+    optimise(loss_G, opts["G"], opts["H"])
     name = "HDCE" if cfg.nce_loss == "hdce" else "NCE"
-    losses = {"G_GAN": loss_G_GAN, name: zero if nce_main is None else nce_main.loss, "G": loss_G}
-    if nce_idt is not None:
-        losses[name + "_Y"] = nce_idt.loss
-    if loss_src is not None:
-        losses["SRC"] = loss_src
-    if loss_perc is not None:
-        losses["perc"] = loss_perc
-    return losses
+    return {"G_GAN": loss_G_GAN, name: zero if nce_main is None else nce_main.loss, "G": loss_G,
+            name + "_Y": nce_idt and nce_idt.loss, "SRC": loss_src, "perc": loss_perc}
 
 
 def cut_step(nets: dict, opts: dict, real_a, real_b, cfg, epoch: int = 1) -> dict:
@@ -883,10 +851,8 @@ def cut_step(nets: dict, opts: dict, real_a, real_b, cfg, epoch: int = 1) -> dic
     forward = cut_forward(nets["G"], real_a, real_b, cfg)                  # 1.
     [(loss_D_real, loss_D_fake)] = discriminator_step(                     # 2.
         opts["D"], [(nets["D"], real_b, forward.fake_b)], cfg)
-    losses = cut_generator_step(nets, opts, forward, real_a, real_b, cfg,  # 3.
-                                epoch=epoch)
-    losses = dict(D_real=loss_D_real, D_fake=loss_D_fake, **losses)
-    return {k: v.detach() for k, v in losses.items()}
+    losses = cut_generator_step(nets, opts, forward, real_a, real_b, cfg, epoch=epoch)  # 3.
+    return reported(dict(D_real=loss_D_real, D_fake=loss_D_fake, **losses))
 
 
 # -----------------------------------------------------------------------------
@@ -898,14 +864,13 @@ def cut_step(nets: dict, opts: dict, real_a, real_b, cfg, epoch: int = 1) -> dic
 # images look very different, so each domain gets its own encoder and head.
 #   L_DCLGAN = λ_GAN·(L_GAN(G, D_Y) + L_GAN(F, D_X)) + λ_NCE·L_PatchNCE(G, H_X, H_Y)
 #            + λ_NCE·L_PatchNCE(F, H_X, H_Y) + λ_idt·L_identity(G, F)   [Eq. 8]
-# with G = G_ab, F = G_ba, H_X = H_a, H_Y = H_b. The pairing rule (the paper's
-# "dual" setting): an image is embedded by the encoder and head of its own
-# domain, whichever generator made it. So NCE1 (A→B) takes the keys
-# H_a(G_ab.encode(real_a)) and the queries H_b(G_ba.encode(fake_b)); NCE2
-# mirrors it. The keys are detached, so in DCLGAN H_a learns only from NCE2's
-# queries and H_b from NCE1's (SimDCL's L_sim also reaches them through the
-# keys, which it does not detach, F14). The negatives come from the whole batch (F11; the same as
-# CUT's at batch 1), and the adversarial loss is the hinge loss.
+# with G = G_ab, F = G_ba, H_X = H_a, H_Y = H_b. The pairing rule (the paper's "dual" setting): an
+# image is embedded by the encoder and head of its own domain, whichever generator made it. So NCE1
+# (A→B) takes the keys H_a(G_ab.encode(real_a)) and the queries H_b(G_ba.encode(fake_b)); NCE2
+# mirrors it. The keys are detached, so in DCLGAN H_a learns only from NCE2's queries and H_b from
+# NCE1's (SimDCL's L_sim also reaches them through the keys, which it does not detach, F14). The
+# negatives come from the whole batch (F11; the same as CUT's at batch 1), and the adversarial loss
+# is the hinge loss.
 #
 # SimDCL adds a similarity loss: a real and a generated image of the same domain
 # should have similar embeddings, which discourages collapse to a few outputs.
@@ -917,10 +882,9 @@ def cut_step(nets: dict, opts: dict, real_a, real_b, cfg, epoch: int = 1) -> dic
 # directions (averaged, as every term of this objective is), --patch_select qsattn.
 
 class MappingHead(nn.Module):
-    """SimDCL's light head (official MappingF, 10,688 parameters): it reads the
-    L sampled and projected patch sets of one image as an L-channel S×E
-    "image" and summarises them in one unit 64-vector, an embedding of the
-    whole image that the similarity loss compares across domains.
+    """SimDCL's light head (official MappingF, 10,688 parameters): it reads the L sampled and
+    projected patch sets of one image as an L-channel S×E "image" and summarises them in one unit
+    64-vector, an embedding of the whole image that the similarity loss compares across domains.
     n×L×S×E -> n×64. Keys model.0 (conv), model.4, model.6 (linears)."""
 
     def __init__(self, n_layers: int = 4, width: int = 64):
@@ -938,12 +902,11 @@ def similarity_loss(keys_a, queries_a, keys_b, queries_b, heads: dict, n: int) -
     models/simdcl_model.py]: the embeddings of a real and a generated image of
     the same domain should agree, which discourages mode collapse.
         L_sim = mean|M_ra(k_a) − M_fa(q_a)| + mean|M_fb(q_b) − M_rb(k_b)|
-    k_a: the sampled, projected patches of real_a (H_a), q_a: of fake_a (H_a,
-    fresh patch ids); likewise for B. Each argument is L × (n·S)×E, stacked per
-    image to n×L×S×E; each head gives n×64 and the mean runs over n×64.
-    Deviations kept (F14): the official L1Loss('sum') is a mean, and nothing is
-    detached. Generalised: the official code stacks into 1×4×256×256 CPU
-    tensors, so it runs only at batch 1 with S = E = 256; at n = 1 this is identical."""
+    k_a: the sampled, projected patches of real_a (H_a), q_a: of fake_a (H_a, fresh patch ids);
+    likewise for B. Each argument is L × (n·S)×E, stacked per image to n×L×S×E; each head gives
+    n×64 and the mean runs over n×64. Deviations kept (F14): the official L1Loss('sum') is a mean,
+    and nothing is detached. Generalised: the official code stacks into 1×4×256×256 CPU tensors, so
+    it runs only at batch 1 with S = E = 256; at n = 1 this is identical."""
     def stack(feats):
         if len({f.shape[0] for f in feats}) > 1:
             raise UserError("SimDCL needs num_patches positions in every tapped layer: "
@@ -997,12 +960,10 @@ def dual_step(nets: dict, opts: dict, real_a, real_b, cfg, epoch: int = 1) -> di
     use_idt = cfg.lambda_IDT > 0
     out = translate_both(nets, real_a, real_b, use_idt, cfg.layer_ids)       # 1.
     G_ab, G_ba, H_a, H_b, D_a, D_b = (nets[k] for k in ("G_ab", "G_ba", "H_a", "H_b", "D_a", "D_b"))
-    (loss_D_b_real, loss_D_b_fake), (loss_D_a_real, loss_D_a_fake) = discriminator_step(  # 2.
-        opts["D"], [(D_b, real_b, out.fake_b), (D_a, real_a, out.fake_a)], cfg)
+    loss_D_b, loss_D_a = (0.5 * (real + fake) for real, fake in discriminator_step(     # 2.
+        opts["D"], [(D_b, real_b, out.fake_b), (D_a, real_a, out.fake_a)], cfg))
 
-    opts["G"].zero_grad(set_to_none=True)                                     # 3.
-    opts["H"].zero_grad(set_to_none=True)
-    zero = real_a.new_zeros(())
+    zero = real_a.new_zeros(())                                               # 3.
     # λ_GAN·L_GAN(G, D_Y) and λ_GAN·L_GAN(F, D_X): each fake should pass its domain's D.
     loss_gan_ab = cfg.lambda_GAN * gan_loss(D_b(out.fake_b), True, cfg.gan_mode)
     loss_gan_ba = cfg.lambda_GAN * gan_loss(D_a(out.fake_a), True, cfg.gan_mode)
@@ -1026,29 +987,18 @@ def dual_step(nets: dict, opts: dict, real_a, real_b, cfg, epoch: int = 1) -> di
     loss_G = (0.5 * (loss_gan_ab + loss_gan_ba) + 0.5 * (nce_ab.loss + nce_ba.loss)
               + 0.5 * (loss_idt_b + loss_idt_a) + loss_sim)
     # λ_SRC·L_SRC (Hneg-SRC, §8), a switch here: each direction's relations, averaged.
-    loss_src = None
-    if cfg.lambda_SRC > 0:
-        n = real_a.shape[0]
-        loss_src = 0.5 * (relation_term(nce_ab, n, cfg) + relation_term(nce_ba, n, cfg))
-        loss_G = loss_G + loss_src
+    n = real_a.shape[0]
+    loss_src = (0.5 * (relation_term(nce_ab, n, cfg) + relation_term(nce_ba, n, cfg))
+                if cfg.lambda_SRC > 0 else None)
     identity_pairs = [(out.idt_b, real_b), (out.idt_a, real_a)] if use_idt else []
     loss_perc = perceptual_terms(nets, cfg, [identity_pairs],
                                  [(out.fake_b, real_a), (out.fake_a, real_b)])
-    if loss_perc is not None:
-        loss_G = loss_G + loss_perc
-    loss_G.backward()
-    opts["G"].step()
-    opts["H"].step()
-    losses = dict(D_A=0.5 * (loss_D_b_real + loss_D_b_fake), G_A=loss_gan_ab, NCE1=nce_ab.loss,
-                  idt_A=loss_idt_b, D_B=0.5 * (loss_D_a_real + loss_D_a_fake), G_B=loss_gan_ba,
-                  NCE2=nce_ba.loss, idt_B=loss_idt_a, G=loss_G)
-    if cfg.lambda_SIM > 0:
-        losses["Sim"] = loss_sim
-    if loss_src is not None:
-        losses["SRC"] = loss_src
-    if loss_perc is not None:
-        losses["perc"] = loss_perc
-    return {k: v.detach() for k, v in losses.items()}
+    loss_G = sum((t for t in (loss_src, loss_perc) if t is not None), loss_G)
+    optimise(loss_G, opts["G"], opts["H"])
+    return reported(dict(D_A=loss_D_b, G_A=loss_gan_ab, NCE1=nce_ab.loss, idt_A=loss_idt_b,
+                         D_B=loss_D_a, G_B=loss_gan_ba, NCE2=nce_ba.loss, idt_B=loss_idt_a,
+                         G=loss_G, Sim=loss_sim if cfg.lambda_SIM > 0 else None, SRC=loss_src,
+                         perc=loss_perc))
 
 
 # -----------------------------------------------------------------------------
@@ -1073,16 +1023,13 @@ def dual_step(nets: dict, opts: dict, real_a, real_b, cfg, epoch: int = 1) -> di
 #   negative_step   N's update; then CUT's G+H step with N's negatives; then the EMA.
 
 def mean_embedding(H_ema: ProjectionHead, feats: list) -> list:
-    """NEGCUT's summary of each image: every position (not a sample) through
-    MLP_l of the momentum head, unit-normalised per position, then averaged
-    over positions and not re-normalised. L maps n×C_l×h_l×w_l -> L tensors n×E.
-    (The official CUT code normalises this every-position path over the wrong
-    axis; NEGCUT's copy, followed here, normalises each E-vector.)"""
-    out = []
-    for index, feat in enumerate(feats):
-        z = getattr(H_ema, f"mlp_{index}")(feat.flatten(2).transpose(1, 2))  # n×(h·w)×E
-        out.append(unit(z, dim=2).mean(dim=1))
-    return out
+    """NEGCUT's summary of each image: every position (not a sample) through MLP_l of the momentum
+    head, unit-normalised per position, then averaged over positions and not re-normalised. L maps
+    n×C_l×h_l×w_l -> L tensors n×E. (The official CUT code normalises this every-position path over
+    the wrong axis; NEGCUT's copy, followed here, normalises each E-vector.)"""
+    mlps = (getattr(H_ema, f"mlp_{index}") for index in range(len(feats)))
+    return [unit(mlp(feat.flatten(2).transpose(1, 2)), dim=2).mean(dim=1)  # n×(h·w)×E -> n×E
+            for mlp, feat in zip(mlps, feats)]
 
 
 class NegativeGenerator(nn.Module):
@@ -1091,10 +1038,9 @@ class NegativeGenerator(nn.Module):
     as in the official code: 256 by default) made from the image's mean
     embedding v (by the momentum head) and fresh noise z ~ N(0, I₆₄):
         n_j = unit(MLP_l([v; z_j])),  MLP_l: Linear(E+64 → E), ReLU, Linear(E → E)
-    so the negatives are specific to the image (v) and varied (z). Trained to
-    make PatchNCE hard, they replace the other patches of the image.
-    L lists of n×E -> L tensors (n·K)×E, image-major. 739,840 parameters
-    at E = 256 with 5 taps (147,968 per tap)."""
+    so the negatives are specific to the image (v) and varied (z). Trained to make PatchNCE hard,
+    they replace the other patches of the image. L lists of n×E -> L tensors (n·K)×E, image-major.
+    739,840 parameters at E = 256 with 5 taps (147,968 per tap)."""
 
     def __init__(self, n_layers: int, width: int = 256, z_dim: int = 64, count: int = 256):
         super().__init__()
@@ -1108,8 +1054,7 @@ class NegativeGenerator(nn.Module):
         for index, v in enumerate(means):                     # v: n×E
             z = torch.randn(v.shape[0], self.count, self.z_dim, device=v.device)  # fresh every call
             code = torch.cat([v[:, None].expand(-1, self.count, -1), z], dim=2)   # n×K×(E+64)
-            y = getattr(self, f"mlp_{index}")(code.flatten(0, 1))                # (n·K)×E
-            out.append(unit(y))
+            out.append(unit(getattr(self, f"mlp_{index}")(code.flatten(0, 1))))  # (n·K)×E
         return out
 
 
@@ -1137,15 +1082,12 @@ def negative_step(nets: dict, opts: dict, forward: CutForward, real_a, real_b, c
     official, F16). q, k and H_ema's input carry no gradient (negatives_only),
     so only N learns (F16). Returns L_N."""
     set_requires_grad(nets["N"], True)
-    opts["N"].zero_grad(set_to_none=True)
-    zero = real_a.new_zeros(())
     nce_main, nce_idt = cut_nce(nets, forward, real_a, real_b, cfg,
                                 make_negatives=generated_negatives(nets), negatives_only=True)
     last = nce_idt if nce_idt is not None else nce_main
-    loss_N = -combined_nce(nce_main, nce_idt, zero) + diversity_loss(
+    loss_N = -combined_nce(nce_main, nce_idt, real_a.new_zeros(())) + diversity_loss(
         last.negatives, real_a.shape[0], cfg.lambda_MS_neg)
-    loss_N.backward()
-    opts["N"].step()
+    optimise(loss_N, opts["N"])
     set_requires_grad(nets["N"], False)                       # frozen again for G's step
     return loss_N
 
@@ -1159,32 +1101,28 @@ def negcut_step(nets: dict, opts: dict, real_a, real_b, cfg, epoch: int = 1) -> 
       2b. N step, the max: L_N = −0.5·(NCE + NCE_Y) + L_div, where NCE uses N's
           negatives; only N learns.
       3. G+H step, the min: CUT's L_G with the same NCE terms (fresh patch ids
-         and noise), N frozen but not detached: G learns to tell its patches
-         from N's negatives, also through H_ema and N into its encoder on the
-         source image.
+         and noise), N frozen but not detached: G learns to tell its patches from N's negatives,
+         also through H_ema and N into its encoder on the source image.
       4. EMA: H_ema ← H_ema + 0.1·(H − H_ema), a slowly moving copy of H.
     Returns the losses under the official log names (CUT's and N)."""
     forward = cut_forward(nets["G"], real_a, real_b, cfg)                  # 1.
     [(loss_D_real, loss_D_fake)] = discriminator_step(                     # 2.
         opts["D"], [(nets["D"], real_b, forward.fake_b)], cfg)
-    loss_N = real_a.new_zeros(())
-    if cfg.lambda_NCE > 0:                                   # 2b. (no NCE: nothing to play for)
-        loss_N = negative_step(nets, opts, forward, real_a, real_b, cfg)
+    loss_N = (negative_step(nets, opts, forward, real_a, real_b, cfg) if cfg.lambda_NCE > 0  # 2b.
+              else real_a.new_zeros(()))                     # (no NCE: nothing to play for)
     losses = cut_generator_step(nets, opts, forward, real_a, real_b, cfg,  # 3.
                                 make_negatives=generated_negatives(nets))
     with torch.no_grad():                                                  # 4.
         torch._foreach_lerp_(list(nets["H_ema"].parameters()), list(nets["H"].parameters()), 0.1)
-    losses = dict(D_real=loss_D_real, D_fake=loss_D_fake, **losses, N=loss_N)
-    return {k: v.detach() for k, v in losses.items()}
+    return reported(dict(D_real=loss_D_real, D_fake=loss_D_fake, **losses, N=loss_N))
 
 
 # -----------------------------------------------------------------------------
 # 8. PatchNCE's successors: Hneg-SRC and QS-Attn
 # -----------------------------------------------------------------------------
-# Two CVPR 2022 methods change what PatchNCE compares, each answering a weakness
-# the NEGCUT paper names: most in-image negatives are easy, and PatchNCE keeps
-# each patch's content but not the relations between patches (two patches that
-# were alike in x should stay alike in G(x)).
+# Two CVPR 2022 methods change what PatchNCE compares, each answering a weakness the NEGCUT paper
+# names: most in-image negatives are easy, and PatchNCE keeps each patch's content but not the
+# relations between patches (two patches that were alike in x should stay alike in G(x)).
 #
 # Hneg-SRC (Jung, Kwon, Ye, "Exploring Patch-wise Semantic Relation for
 # Contrastive Learning in Image-to-Image Translation Tasks", arXiv 2203.01532;
@@ -1201,15 +1139,14 @@ def negcut_step(nets: dict, opts: dict, real_a, real_b, cfg, epoch: int = 1) -> 
 # not make the published numbers; the preset follows the repository's
 # horse2zebra recipe: identity term, λ_HDCE 0.1, λ_SRC 0.05, γ from 50 to 10 (F21).
 #
-# QS-Attn (Hu, Zhou, Wang, Gu, Wang, "QS-Attn: Query-Selected Attention for
-# Contrastive Learning in I2I Translation", arXiv 2203.08483; official code
-# sapphire497/query-selected-attention, models/networks_global.py): the anchors
-# are not random positions but the source positions whose attention over the
-# image is most peaked, i.e. the most distinctive ones (--patch_select qsattn,
-# in every PatchNCE mode). Each anchor is that attention row applied to the
-# features, v = A_QS·F, for the source and, with the same rows, for the output,
-# v̂ = A_QS·F_out. The official code does this on the deepest taps only (the
-# 64×64 ResNet-block maps at 256²) and samples the others at random (F22).
+# QS-Attn (Hu, Zhou, Wang, Gu, Wang, "QS-Attn: Query-Selected Attention for Contrastive Learning in
+# I2I Translation", arXiv 2203.08483; official code sapphire497/query-selected-attention,
+# models/networks_global.py): the anchors are not random positions but the source positions whose
+# attention over the image is most peaked, i.e. the most distinctive ones (--patch_select qsattn,
+# in every PatchNCE mode). Each anchor is that attention row applied to the features, v = A_QS·F,
+# for the source and, with the same rows, for the output, v̂ = A_QS·F_out. The official code does
+# this on the deepest taps only (the 64×64 ResNet-block maps at 256²) and samples the others at
+# random (F22).
 
 def hdce_gamma(cfg, epoch: int) -> float:
     """γ, the temperature of hDCE's hard-negative weights, in 1-based epoch e:
@@ -1217,12 +1154,11 @@ def hdce_gamma(cfg, epoch: int) -> float:
     --HDCE_gamma_min, γ_e = γ + (γ_min − γ)·e/(n_epochs + n_epochs_decay), and is
     1 after --step_gamma_epoch when that is set (official SRC.py). A smaller γ
     makes the weights sharper, so the curriculum starts easy and hardens."""
-    gamma = cfg.HDCE_gamma
-    if cfg.use_curriculum:
-        gamma = gamma + (cfg.HDCE_gamma_min - gamma) * epoch / cfg.total_epochs
-        if cfg.step_gamma_epoch and epoch > cfg.step_gamma_epoch:
-            gamma = 1.0
-    return gamma
+    if not cfg.use_curriculum:
+        return cfg.HDCE_gamma
+    if cfg.step_gamma_epoch and epoch > cfg.step_gamma_epoch:
+        return 1.0
+    return cfg.HDCE_gamma + (cfg.HDCE_gamma_min - cfg.HDCE_gamma) * epoch / cfg.total_epochs
 
 
 def hdce_loss(feat_q: torch.Tensor, feat_k: torch.Tensor, groups: int, tau: float,
@@ -1232,18 +1168,16 @@ def hdce_loss(feat_q: torch.Tensor, feat_k: torch.Tensor, groups: int, tau: floa
     With s_ij = q_i·k_j (q_i the query, k_j the keys of its group, z = unit(k)):
         ω_ij = softmax_j(z_i·z_j/γ) / max_j softmax_j(z_i·z_j/γ)   (z_i·z_i set to −10 first)
         ℓ_i = −s_ii/τ + log Σ_j exp(ω_ij·s_ij/τ)        (s_ii·ω_ii replaced by −10)
-    A negative whose key resembles the query's own source patch gets a weight
-    near 1, an unlike one a smaller weight: the weights come from the source
-    alone and are detached. "Decoupled": the positive is not in the sum (the
-    positive-negative coupling of the InfoNCE gradient goes, Yeh et al. 2021).
-    Shapes: feat_q, feat_k (n·S)×E -> (n·S). The value returned is what the
-    official code logs: the cross-entropy of [s_ii | ω·s]/τ, PatchNCE's form
-    with weighted negatives; its gradient is that of ℓ_i (official: exp(ℓ −
-    ℓ.detach()) − 1 + CE.detach(), whose value and gradient are the same)."""
+    A negative whose key resembles the query's own source patch gets a weight near 1, an unlike one
+    a smaller weight: the weights come from the source alone and are detached. "Decoupled": the
+    positive is not in the sum (the positive-negative coupling of the InfoNCE gradient goes, Yeh et
+    al. 2021). Shapes: feat_q, feat_k (n·S)×E -> (n·S). The value returned is what the official
+    code logs: the cross-entropy of [s_ii | ω·s]/τ, PatchNCE's form with weighted negatives; its
+    gradient is that of ℓ_i (official: exp(ℓ − ℓ.detach()) − 1 + CE.detach(), whose value and
+    gradient are the same)."""
     dtype = torch.promote_types(feat_q.dtype, torch.float32)
     feat_k, feat_q = feat_k.detach().to(dtype), feat_q.to(dtype)
-    q = feat_q.view(groups, -1, feat_q.shape[1])              # groups×P×E
-    k = feat_k.view(groups, -1, feat_k.shape[1])
+    q, k = (f.view(groups, -1, f.shape[1]) for f in (feat_q, feat_k))  # groups×P×E
     diagonal = torch.eye(q.shape[1], dtype=torch.bool, device=q.device)[None]
     z = unit(k, dim=2)                                        # official: normalised again
     weights = torch.bmm(z, z.transpose(1, 2)).masked_fill(diagonal, -10.0)
@@ -1264,16 +1198,14 @@ def relation_loss(feat_q: torch.Tensor, feat_k: torch.Tensor, n_images: int) -> 
     detached, and w = unit(queries of G(x)), S×E each:
         P_k = softmax_i(z_k·z_i),  Q_k = softmax_i(w_k·w_i)
         L_SRC = Σ_k JSD(Q_k ‖ P_k),  JSD(a‖b) = ½·[KL(a‖m) + KL(b‖m)],  m = ½·(a + b)
-    summed over the S×S entries and the images (official: a sum, not a mean).
-    Why: PatchNCE keeps each patch apart from the others; this keeps how alike
-    the patches are, so regions that belonged together in x stay together.
-    No temperature: dot products of unit vectors, so the P_k are soft. The
-    softmax runs over dim 1 as in the official code (columns; the matrices are
+    summed over the S×S entries and the images (official: a sum, not a mean). Why: PatchNCE keeps
+    each patch apart from the others; this keeps how alike the patches are, so regions that
+    belonged together in x stay together. No temperature: dot products of unit vectors, so the P_k
+    are soft. The softmax runs over dim 1 as in the official code (columns; the matrices are
     symmetric, so column k is patch k's distribution). Returns a scalar."""
     z = unit(feat_k.detach(), dim=1).view(n_images, -1, feat_k.shape[1])  # n×S×E
     w = unit(feat_q, dim=1).view(n_images, -1, feat_q.shape[1])
-    p = torch.bmm(z, z.transpose(1, 2)).softmax(dim=1)        # n×S×S
-    q = torch.bmm(w, w.transpose(1, 2)).softmax(dim=1)
+    p, q = (torch.bmm(v, v.transpose(1, 2)).softmax(dim=1) for v in (z, w))  # n×S×S
     m = 0.5 * (p + q)
     return 0.5 * ((q * (q.log() - m.log())).sum() + (p * (p.log() - m.log())).sum())
 
@@ -1307,31 +1239,28 @@ def query_selected_rows(flat: torch.Tensor, num_patches: int) -> torch.Tensor:
 # -----------------------------------------------------------------------------
 # The baseline every paper here compares with (CycleGAN paper §3). Two generators,
 # G_ab and G_ba, and no contrastive loss. Content is kept by cycle consistency:
-# translating there and back should give the input again, |G_ba(G_ab(a)) − a|,
-# which rules out mappings that throw the content away but assumes the mapping
-# can be inverted. (That assumption is what CUT drops: a zebra's stripes need
-# not say how to paint the horse back.) An identity term (CycleGAN paper §5.2,
-# after Taigman et al.) asks each generator to leave images of its output
-# domain alone; the paper found it keeps colours from drifting (its
-# Monet→photo example). D is shown a history of fakes, the image pool, rather
-# than only the latest ones. The weights: λ_A = λ_B = 10 for the cycles, and
-# the identity term at λ_idt = 0.5 of them, 5 in all.
-# Upstream CycleGAN uses the stride-2 G and D and N(0, 0.02) weights, and it
-# updates G before D, where the CUT lineage does D first (F15): D then learns
-# from this step's fakes, made before G's update, mixed with older ones by the pool.
+# translating there and back should give the input again, |G_ba(G_ab(a)) − a|, which rules out
+# mappings that throw the content away but assumes the mapping can be inverted. (That assumption is
+# what CUT drops: a zebra's stripes need not say how to paint the horse back.) An identity term
+# (CycleGAN paper §5.2, after Taigman et al.) asks each generator to leave images of its output
+# domain alone; the paper found it keeps colours from drifting (its Monet→photo example). D is
+# shown a history of fakes, the image pool, rather than only the latest ones. The weights:
+# λ_A = λ_B = 10 for the cycles, and the identity term at λ_idt = 0.5 of them, 5 in all. Upstream
+# CycleGAN uses the stride-2 G and D and N(0, 0.02) weights, and it updates G before D, where the
+# CUT lineage does D first (F15): D then learns from this step's fakes, made before G's update,
+# mixed with older ones by the pool.
 
 class ImagePool(nn.Module):
-    """CycleGAN's history of generated images (Shrivastava et al. 2017): D is
-    shown a mix of current and earlier fakes, so G cannot win by oscillating
-    between modes that the latest D happens to miss. Until the pool is full
-    each fake is stored and returned; then, per image, with probability 0.5 a
-    random stored fake is returned and replaced by the new one, else the new
-    one passes through. A module, so its contents travel in checkpoints."""
+    """CycleGAN's history of generated images (Shrivastava et al. 2017): D is shown a mix of
+    current and earlier fakes, so G cannot win by oscillating between modes that the latest D
+    happens to miss. Until the pool is full each fake is stored and returned; then, per image, with
+    probability 0.5 a random stored fake is returned and replaced by the new one, else the new one
+    passes through. A module, so its contents travel in checkpoints."""
 
-    def __init__(self, capacity: int, size: int):
+    def __init__(self, capacity: int, size: int, channels: int = 3):
         super().__init__()
         self.count = 0
-        self.register_buffer("images", torch.zeros(capacity, 3, size, size))
+        self.register_buffer("images", torch.zeros(capacity, channels, size, size))
 
     def forward(self, fakes):                                  # n×3×h×w, detached
         capacity, out = self.images.shape[0], []
@@ -1381,7 +1310,6 @@ def cyclegan_step(nets: dict, opts: dict, real_a, real_b, cfg, epoch: int = 1) -
 
     set_requires_grad(D_a, False)                                          # 2. D frozen: G's
     set_requires_grad(D_b, False)                                          # gradients pass through
-    opts["G"].zero_grad(set_to_none=True)
     zero = real_a.new_zeros(())
     # λ_GAN·[L_GAN(G_ab, D_b) + L_GAN(G_ba, D_a)]: each fake should pass its domain's D.
     loss_gan_ab = cfg.lambda_GAN * gan_loss(D_b(out.fake_b), True, cfg.gan_mode)
@@ -1396,21 +1324,15 @@ def cyclegan_step(nets: dict, opts: dict, real_a, real_b, cfg, epoch: int = 1) -
     identity_pairs = [(out.idt_b, real_b), (out.idt_a, real_a)] if use_idt else []
     loss_perc = perceptual_terms(nets, cfg, [identity_pairs, [(rec_a, real_a), (rec_b, real_b)]],
                                  [(out.fake_b, real_a), (out.fake_a, real_b)])
-    if loss_perc is not None:
-        loss_G = loss_G + loss_perc
-    loss_G.backward()
-    opts["G"].step()
+    loss_G = loss_G if loss_perc is None else loss_G + loss_perc
+    optimise(loss_G, opts["G"])
 
     # 3. D's step on fakes from the pools, which store and return detached images.
-    (loss_D_b_real, loss_D_b_fake), (loss_D_a_real, loss_D_a_fake) = discriminator_step(
-        opts["D"], [(D_b, real_b, nets["pool_b"](out.fake_b)),
-                    (D_a, real_a, nets["pool_a"](out.fake_a))], cfg)
-    losses = dict(D_A=0.5 * (loss_D_b_real + loss_D_b_fake), G_A=loss_gan_ab,
-                  cycle_A=loss_cycle_a, idt_A=loss_idt_b, D_B=0.5 * (loss_D_a_real + loss_D_a_fake),
-                  G_B=loss_gan_ba, cycle_B=loss_cycle_b, idt_B=loss_idt_a, G=loss_G)
-    if loss_perc is not None:
-        losses["perc"] = loss_perc
-    return {k: v.detach() for k, v in losses.items()}
+    loss_D_b, loss_D_a = (0.5 * (real + fake) for real, fake in discriminator_step(opts["D"], [
+        (D_b, real_b, nets["pool_b"](out.fake_b)), (D_a, real_a, nets["pool_a"](out.fake_a))], cfg))
+    return reported(dict(D_A=loss_D_b, G_A=loss_gan_ab, cycle_A=loss_cycle_a, idt_A=loss_idt_b,
+                         D_B=loss_D_a, G_B=loss_gan_ba, cycle_B=loss_cycle_b, idt_B=loss_idt_a,
+                         G=loss_G, perc=loss_perc))
 
 
 # -----------------------------------------------------------------------------
@@ -1418,18 +1340,16 @@ def cyclegan_step(nets: dict, opts: dict, real_a, real_b, cfg, epoch: int = 1) -
 # -----------------------------------------------------------------------------
 # A feature-prediction (perceptual) loss [Johnson, Alahi, Fei-Fei, ECCV 2016,
 # arXiv 1603.08155], in no official code here and off in every preset (F17):
-# compare two images in the feature space of a frozen VGG16 instead of pixel by
-# pixel. A pixel L1 is minimised by the blurry average of the plausible answers;
-# VGG's features respond to edges, textures and parts, so matching them keeps
-# structure sharp. It applies only where a step has a target image: identity
-# images against their inputs and CycleGAN's reconstructions against the
-# originals (--lambda_perc), and, behind its own switch, G(x) against x at one
-# deep layer (--lambda_perc_content), where features say what is where rather
-# than how it looks, so the appearance may still change.
-# VGG stays frozen: were it trained with G, it could learn to stop seeing the
-# differences it is meant to measure. Its ImageNet weights are read from a local
-# file (torchvision's cache or --vgg_weights); nothing is downloaded, and a
-# missing file stops the run before it starts (F17).
+# compare two images in the feature space of a frozen VGG16 instead of pixel by pixel. A pixel L1
+# is minimised by the blurry average of the plausible answers; VGG's features respond to edges,
+# textures and parts, so matching them keeps structure sharp. It applies only where a step has a
+# target image: identity images against their inputs and CycleGAN's reconstructions against the
+# originals (--lambda_perc), and, behind its own switch, G(x) against x at one deep layer
+# (--lambda_perc_content), where features say what is where rather than how it looks, so the
+# appearance may still change. VGG stays frozen: were it trained with G, it could learn to stop
+# seeing the differences it is meant to measure. Its ImageNet weights are read from a local file
+# (torchvision's cache or --vgg_weights); nothing is downloaded, and a missing file stops the run
+# before it starts (F17).
 
 VGG_LAYERS = {"relu1_2": 3, "relu2_2": 8, "relu3_3": 15, "relu4_3": 22}  # torchvision indices
 VGG_WEIGHTS = {"relu1_2": 1 / 16, "relu2_2": 1 / 8, "relu3_3": 1 / 4, "relu4_3": 1.0}
@@ -1437,19 +1357,17 @@ VGG_FILE = "vgg16-397923af.pth"                           # torchvision's IMAGEN
 
 
 def vgg16(weights=None) -> nn.Module:
-    """torchvision's VGG16; torchvision is imported here only, to keep start-up fast.
-    Always called with weights=None: the weights come from a local file, never
-    from torchvision's downloader."""
+    """torchvision's VGG16; torchvision is imported here only, to keep start-up fast. Always called
+    with weights=None: the weights come from a local file, never from torchvision's downloader."""
     from torchvision.models import vgg16 as build
     return build(weights=weights)
 
 
 class Perceptual(nn.Module):
-    """L_perc(a, b) = Σ_l w_l·mean|φ_l(a) − φ_l(b)| over VGG_LAYERS with VGG_WEIGHTS
-    (the shallow layers, which see pixel-level detail, weigh least), or at
-    relu4_3 alone (content). φ = VGG16 `features` up to relu4_3, frozen: eval
-    mode, no gradients into it, never in an optimiser or a checkpoint. Inputs
-    n×3×h×w in [−1, 1] are mapped to [0, 1] and normalised with the ImageNet
+    """L_perc(a, b) = Σ_l w_l·mean|φ_l(a) − φ_l(b)| over VGG_LAYERS with VGG_WEIGHTS (the shallow
+    layers, which see pixel-level detail, weigh least), or at relu4_3 alone (content). φ = VGG16
+    `features` up to relu4_3, frozen: eval mode, no gradients into it, never in an optimiser or a
+    checkpoint. Inputs n×3×h×w in [−1, 1] are mapped to [0, 1] and normalised with the ImageNet
     mean and std, the input VGG16 was trained on. The target b is a real image:
     it gets no gradient; both images go through VGG in one batch."""
 
@@ -1466,8 +1384,7 @@ class Perceptual(nn.Module):
                                        if k in self.features.state_dict()}, f"{path} (VGG16)")
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), False)
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), False)
-        self.requires_grad_(False)
-        self.eval()
+        self.requires_grad_(False).eval()
 
     def train(self, mode: bool = True):
         """Frozen: .train() leaves it in eval mode, whatever the caller asks."""
@@ -1475,7 +1392,8 @@ class Perceptual(nn.Module):
 
     def forward(self, output, target, content: bool = False) -> torch.Tensor:
         layers = {"relu4_3": 1.0} if content else VGG_WEIGHTS
-        x = (torch.cat([output, target]) + 1) / 2             # 2n×3×h×w, one pass for both
+        x = (torch.cat([i.expand(-1, 3, -1, -1) for i in (output, target)]) + 1) / 2   # 2n×3×h×w
+        # (one pass for both; a grayscale image enters as its gray in all three channels)
         x, loss = (x - self.mean) / self.std, 0.0
         # One pass through VGG; at each chosen layer compare the output half of
         # the batch with the target half, in fp32 under --fast too.
@@ -1511,14 +1429,13 @@ def perceptual_terms(nets: dict, cfg, target_sets: list, content_pairs: list):
 # -----------------------------------------------------------------------------
 # 11. The modes side by side: presets, networks, steps
 # -----------------------------------------------------------------------------
-# What makes CUT and FastCUT, NEGCUT, DCLGAN, SimDCL and CycleGAN different, in
-# one table. A preset lists only the settings that differ from the official CUT
-# defaults (TrainConfig, §12). Network names: G_ab maps A to B; D_b judges B
-# images (official D_A); H_a embeds A images (official F1); M_* are SimDCL's
-# mapping heads for real/fake A/B sets (official F3..F6); N is NEGCUT's
-# negative generator and H_ema its momentum head (official F_); pool_* keep
-# CycleGAN's old fakes. Precedence when a run starts: the official defaults <
-# the preset < the demo settings (bundled data only) < flags typed by the user.
+# What makes CUT and FastCUT, NEGCUT, DCLGAN, SimDCL and CycleGAN different, in one table. A preset
+# lists only the settings that differ from the official CUT defaults (TrainConfig, §12). Network
+# names: G_ab maps A to B; D_b judges B images (official D_A); H_a embeds A images (official F1);
+# M_* are SimDCL's mapping heads for real/fake A/B sets (official F3..F6); N is NEGCUT's negative
+# generator and H_ema its momentum head (official F_); pool_* keep CycleGAN's old fakes. Precedence
+# when a run starts: the official defaults < the preset < the demo settings (bundled data
+# only) < flags typed by the user.
 #   mode        step           networks                      differs from CUT by
 #   cut         cut_step       G D H                         (the defaults)
 #   fastcut     cut_step       G D H                         λ_NCE 10, no identity, flips
@@ -1555,11 +1472,10 @@ MODES = {
     "fastnegcut": Mode(negcut_step, ONE_SIDED + ("N", "H_ema"), dict(
         lambda_NCE=10.0, nce_idt=False, flip_equivariance=True, lambda_MS_neg=1.0,
         n_epochs=150, n_epochs_decay=50)),
-    # DCLGAN (official --model dcl): hinge loss, taps without the RGB layer,
-    # negatives from the whole batch, L1 identity. The code halves every term of
-    # the paper's Eq. 8 (λ_NCE 2 × 0.5 = 1 per direction) and trains the heads
-    # with Adam's defaults, lr 1e-3 and beta1 0.9 (F11, F12). The paper's
-    # setting: --lr 1e-4 --n_epochs 200 --n_epochs_decay 200 (400 in all).
+    # DCLGAN (official --model dcl): hinge loss, taps without the RGB layer, negatives from the
+    # whole batch, L1 identity. The code halves every term of the paper's Eq. 8 (λ_NCE 2 × 0.5 = 1
+    # per direction) and trains the heads with Adam's defaults, lr 1e-3 and beta1 0.9 (F11, F12).
+    # The paper's setting: --lr 1e-4 --n_epochs 200 --n_epochs_decay 200 (400 in all).
     "dcl": Mode(dual_step, TWO_SIDED, dict(
         nce_layers="4,8,12,16", gan_mode="hinge", lambda_NCE=2.0, nce_idt=False, lambda_IDT=1.0,
         nce_includes_all_negatives_from_minibatch=True, lr_H=1e-3, beta1_H=0.9)),
@@ -1601,9 +1517,9 @@ MODES = {
 # preset (§11), the demo settings and the typed flags, and records each value's
 # origin for the printed config; checkpoints store it, so translate needs nothing else.
 
-# Without --dataroot we train on the bundled 96×96 two-domain set in data/ with
-# settings a 2-core CPU runs at several steps per second: 64-pixel crops and a
-# quarter-width network. The method (losses, layers, step) is unchanged.
+# Without --dataroot (or with data/ named) we train on the bundled 96×96 two-domain set with
+# settings a 2-core CPU runs at several steps per second: 64-pixel crops and a quarter-width
+# network. The method (losses, layers, step) is unchanged.
 BUNDLED_DATA = Path(__file__).resolve().parent / "data"
 DEMO = dict(load_size=72, crop_size=64, ngf=16, ndf=16, n_epochs=6, n_epochs_decay=2, print_freq=25,
             display_freq=100, save_latest_freq=500, save_epoch_freq=1, num_threads=1, eval_freq=1)
@@ -1625,6 +1541,8 @@ class TrainConfig:
     # data
     dataroot: str = _opt("", "folder with trainA/, trainB/ (testA/, testB/); empty = the demo")
     direction: str = _opt("AtoB", "BtoA swaps the domains", choices=("AtoB", "BtoA"))
+    input_nc: int = _opt(3, "channels of the source images: 3 RGB, 1 grayscale", choices=(1, 3))
+    output_nc: int = _opt(3, "channels of the target images: 3 RGB, 1 grayscale", choices=(1, 3))
     load_size: int = _opt(286, "training images are resized to this square first")
     crop_size: int = _opt(256, "then randomly cropped to this square (a multiple of 4)")
     no_flip: bool = _opt(False, "no random horizontal flip of training images")
@@ -1648,7 +1566,8 @@ class TrainConfig:
     nce_idt: bool = _opt(True, "PatchNCE on y -> G(y) too (identity)", aliases=("--dce_idt",))
     nce_T: float = _opt(0.07, "tau: the PatchNCE temperature")
     nce_includes_all_negatives_from_minibatch: bool = _opt(False, "negatives from the whole batch")
-    lambda_IDT: float = _opt(0.0, "weight of the L1 identity |G(y) − y| (CycleGAN: × lambda_A/B)")
+    lambda_IDT: float = _opt(0.0, "L1 identity |G(y) − y| (CycleGAN: × lambda_A/B)",
+                             aliases=("--lambda_identity",))
     lambda_SIM: float = _opt(0.0, "SimDCL: weight of the similarity loss")
     lambda_A: float = _opt(10.0, "CycleGAN: weight of the cycle loss |G_ba(G_ab(a)) − a|")
     lambda_B: float = _opt(10.0, "CycleGAN: weight of the cycle loss |G_ab(G_ba(b)) − b|")
@@ -1708,67 +1627,63 @@ class TrainConfig:
         return self.n_epochs + self.n_epochs_decay
 
     def validate(self) -> None:
-        """Turn impossible settings into one-line errors before any work starts."""
+        """Turn impossible settings into one-line errors before any work starts:
+        the message of the first rule below that is broken."""
         try:
             ids = self.layer_ids
         except ValueError:
             raise UserError(f"--nce_layers {self.nce_layers!r}: give comma-separated integers")
-        if list(ids) != sorted(set(ids)) or ids[0] < 0:
-            raise UserError(f"--nce_layers {self.nce_layers}: indices must be distinct, "
-                            "non-negative and ascending")
-        if self.crop_size > self.load_size:
-            raise UserError(f"--crop_size {self.crop_size} is larger than --load_size "
-                            f"{self.load_size}: images are resized to load_size before cropping")
-        if self.crop_size % 4 or self.crop_size < 24:
-            raise UserError(f"--crop_size {self.crop_size}: use a multiple of 4 (G halves the "
-                            "size twice), at least 24 (D's last instance norm needs 2x2 pixels)")
-        for flag in ("batch_size", "num_patches", "ngf", "ndf", "netF_nc", "print_freq",
-                     "display_freq", "save_latest_freq", "save_epoch_freq", "eval_freq"):
-            if getattr(self, flag) < (flag != "eval_freq"):
-                raise UserError(f"--{flag} must be at least {int(flag != 'eval_freq')}")
-        if self.nce_T <= 0:
-            raise UserError("--nce_T must be positive")
         mode = MODES[self.mode]
+        one_g, neg, n = "G" in mode.networks, "N" in mode.networks, f"--mode {self.mode}"
+        low = next((f"--{f} must be at least {int(f != 'eval_freq')}" for f in (
+            "batch_size", "num_patches", "ngf", "ndf", "netF_nc", "print_freq", "display_freq",
+            "save_latest_freq", "save_epoch_freq", "eval_freq") if getattr(self, f) < (
+                f != "eval_freq")), "")
         # Which steps make an image that has a target to compare with (§10).
         targets = {cyclegan_step: True, dual_step: self.lambda_IDT > 0}.get(
             mode.step, self.nce_idt and self.lambda_NCE > 0)
-        if self.lambda_perc > 0 and not targets:
-            raise UserError(f"--lambda_perc: --mode {self.mode} makes no identity image here to "
-                            "compare with its input; use --lambda_perc_content (G(x) against x) "
-                            "instead")
-        if self.lambda_SIM > 0 and "M_ra" not in mode.networks:
-            raise UserError(f"--lambda_SIM: --mode {self.mode} has no mapping heads for the "
-                            "similarity loss; use --mode simdcl")
-        contrastive = mode.step is not cyclegan_step and self.lambda_NCE > 0
-        successors = {"--nce_loss hdce": self.nce_loss == "hdce",
-                      "--lambda_SRC": self.lambda_SRC > 0,
-                      "--patch_select qsattn": self.patch_select == "qsattn"}
-        for flag, used in successors.items():
-            if used and not contrastive:
-                raise UserError(f"{flag}: --mode {self.mode} with --lambda_NCE {self.lambda_NCE} "
-                                "has no contrastive loss to change")
-        if self.nce_loss == "hdce" and ("N" in mode.networks or self.nce_hard_beta):
-            raise UserError("--nce_loss hdce weights the in-image negatives itself: not with "
-                            "NEGCUT's generated negatives nor with --nce_hard_beta")
-        if "N" in mode.networks and self.num_patches % 2:
-            raise UserError(f"--num_patches {self.num_patches}: NEGCUT's diversity term splits "
-                            "the negatives into two halves; use an even number")
-        if "N" in mode.networks and self.nce_includes_all_negatives_from_minibatch:
-            raise UserError("--nce_includes_all_negatives_from_minibatch: NEGCUT compares each "
-                            "image with its own generated negatives only")
+        successor = next((flag for flag, used in (("--nce_loss hdce", self.nce_loss == "hdce"), (
+            "--lambda_SRC", self.lambda_SRC > 0), ("--patch_select qsattn", self.patch_select ==
+                                                   "qsattn")) if used), "")
+        rules = [
+            (list(ids) != sorted(set(ids)) or ids[0] < 0, f"--nce_layers {self.nce_layers}: "
+             "indices must be distinct, non-negative and ascending"),
+            (self.crop_size > self.load_size, f"--crop_size {self.crop_size} is larger than "
+             f"--load_size {self.load_size}: images are resized to load_size before cropping"),
+            (self.crop_size % 4 or self.crop_size < 24, f"--crop_size {self.crop_size}: use a "
+             "multiple of 4 (G halves the size twice), at least 24 (D's last instance norm "
+             "needs 2x2 pixels)"), (low, low), (self.nce_T <= 0, "--nce_T must be positive"),
+            (self.lambda_perc > 0 and not targets, f"--lambda_perc: {n} makes no identity image "
+             "here to compare with its input; use --lambda_perc_content (G(x) against x) instead"),
+            (self.lambda_SIM > 0 and "M_ra" not in mode.networks, f"--lambda_SIM: {n} has no "
+             "mapping heads for the similarity loss; use --mode simdcl"),
+            (successor and (mode.step is cyclegan_step or self.lambda_NCE <= 0), f"{successor}: "
+             f"{n} with --lambda_NCE {self.lambda_NCE} has no contrastive loss to change"),
+            (self.nce_loss == "hdce" and (neg or self.nce_hard_beta), "--nce_loss hdce weights "
+             "the in-image negatives itself: not with NEGCUT's negatives nor --nce_hard_beta"),
+            (self.input_nc != self.output_nc and (one_g or self.lambda_IDT > 0), f"--input_nc "
+             f"{self.input_nc} --output_nc {self.output_nc}: {n} " + ("encodes G's output with G "
+             "itself; use --mode dcl, simdcl or cyclegan" if one_g else "translates b images "
+             "for its identity term; add --lambda_IDT 0")),
+            (neg and self.num_patches % 2, f"--num_patches {self.num_patches}: NEGCUT's "
+             "diversity term splits the negatives into two halves; use an even number"),
+            (neg and self.nce_includes_all_negatives_from_minibatch, "--nce_includes_all_"
+             "negatives_from_minibatch: NEGCUT compares each image with its own negatives only")]
+        for broken, message in rules:
+            if broken:
+                raise UserError(message)
 
 
 def resolve_config(flags: dict) -> tuple[TrainConfig, dict]:
     """Merge defaults < mode preset < demo settings < flags; also say where
     each value came from (its origin), so the printed config explains itself."""
     mode = flags.get("mode", "cut")
-    values, origin = dict(MODES[mode].preset), {k: mode for k in MODES[mode].preset}
-    if not flags.get("dataroot"):
-        values.update(DEMO)
-        origin.update({k: "demo" for k in DEMO})
-        values["dataroot"] = str(BUNDLED_DATA)
+    values, origin = dict(MODES[mode].preset), dict.fromkeys(MODES[mode].preset, mode)
+    if Path(flags.get("dataroot") or BUNDLED_DATA).resolve() == BUNDLED_DATA:   # named or not
+        values.update(DEMO, dataroot=str(BUNDLED_DATA))
+        origin.update(dict.fromkeys(DEMO, "demo"))
     values.update(flags)
-    origin.update({k: "flag" for k in flags})
+    origin.update(dict.fromkeys(flags, "flag"))
     if not values.get("name"):
         values["name"] = f"{mode}_{Path(values['dataroot']).resolve().name}"
     cfg = TrainConfig(**values)
@@ -1786,40 +1701,38 @@ def describe_config(cfg: TrainConfig, origin: dict) -> str:
 # -----------------------------------------------------------------------------
 # 13. Unpaired data
 # -----------------------------------------------------------------------------
-# DATAROOT/trainA and trainB hold unrelated images. An epoch has max(|A|, |B|)
-# items (official unaligned_dataset.py): item i is A image i mod |A|, so every A
-# image is seen at least once, each with a B image drawn at random, so that no
-# pairing can be learnt. Each item's draws (B index, crop, flip) come from its own
-# seed (seed, epoch, position): a run is the same with any number of workers and
-# resumes exactly in the middle of an epoch (F9).
+# DATAROOT/trainA and trainB hold unrelated images. An epoch has max(|A|, |B|) items
+# (official unaligned_dataset.py): item i is A image i mod |A|, so every A image is seen at least
+# once, each with a B image drawn at random, so that no pairing can be learnt. Each item's draws (B
+# index, crop, flip) come from its own seed (seed, epoch, position): a run is the same with any
+# number of workers and resumes exactly in the middle of an epoch (F9).
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 
 
 def find_images(folder: Path, least: int = 0, why: str = "") -> list:
     """Every image below folder (links followed, any case), sorted; at least `least`."""
-    found = []
-    for root, _, names in os.walk(folder, followlinks=True):
-        found += [Path(root) / n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+    found = [Path(root) / n for root, _, names in os.walk(folder, followlinks=True)
+             for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
     if len(found) < least:
         raise UserError(f"{len(found) or 'no'} image{'s' * (len(found) != 1)} in {folder}{why} "
                         f"(looked for {' '.join(IMAGE_EXTENSIONS)}, any case)")
     return sorted(found)
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Open any image as RGB (grayscale, palette and RGBA are converted, as the
-    official dataset does); a broken file becomes a one-line error."""
+def load_image(path: Path, channels: int = 3) -> Image.Image:
+    """Open any image as RGB, or grayscale for 1 channel (palette, RGBA, ... are
+    converted, as the official dataset does); a broken file: a one-line error."""
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return img.convert("RGB" if channels == 3 else "L")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise UserError(f"cannot read image {path}: {error}") from None
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL RGB -> 3×h×w float in [−1, 1] (ToTensor then Normalize(0.5, 0.5))."""
-    array = torch.from_numpy(np.array(img, dtype=np.float32))
+    """PIL RGB or L -> C×h×w float in [−1, 1] (ToTensor then Normalize(0.5, 0.5))."""
+    array = torch.from_numpy(np.array(img, dtype=np.float32)).view(img.height, img.width, -1)
     return (array.permute(2, 0, 1) / 255.0 - 0.5) / 0.5
 
 
@@ -1841,16 +1754,8 @@ def train_transform(img: Image.Image, cfg: TrainConfig, rng: torch.Generator,
 
 def domain_folders(cfg: TrainConfig, phase: str = "train") -> tuple[Path, Path]:
     """(A, B) folders of a phase; --direction BtoA swaps the domains."""
-    root = Path(cfg.dataroot)
-    a, b = root / f"{phase}A", root / f"{phase}B"
+    a, b = (Path(cfg.dataroot) / f"{phase}{domain}" for domain in "AB")
     return (b, a) if cfg.direction == "BtoA" else (a, b)
-
-
-def list_domain(folder: Path, limit: int = 0) -> list:
-    if not folder.is_dir():
-        raise UserError(f"{folder} not found: training needs DATAROOT/trainA and DATAROOT/trainB")
-    files = find_images(folder, least=1)
-    return files[:limit] if limit > 0 else files
 
 
 class UnpairedDataset(torch.utils.data.Dataset):
@@ -1859,41 +1764,39 @@ class UnpairedDataset(torch.utils.data.Dataset):
     def __init__(self, cfg: TrainConfig):
         if not Path(cfg.dataroot).is_dir():
             raise UserError(f"--dataroot {cfg.dataroot} does not exist")
-        folder_a, folder_b = domain_folders(cfg)
-        self.files_a = list_domain(folder_a, cfg.max_dataset_size)
-        self.files_b = list_domain(folder_b, cfg.max_dataset_size)
+        self.files_a, self.files_b = (find_images(f, 1, " (training needs trainA and trainB)")
+                                      [:cfg.max_dataset_size or None] for f in domain_folders(cfg))
         self.cfg = cfg
 
     def __len__(self):
         return max(len(self.files_a), len(self.files_b))
 
     def __getitem__(self, item):
-        """(real_a, real_b, warnings about skipped unreadable files, for the main process)."""
-        item_seed, index, no_crop = item
+        """(real_a, real_b, the warnings about skipped unreadable files: the main process
+        prints them, so that a worker's message never follows the run's last line)."""
+        (item_seed, index, no_crop), cfg = item, self.cfg
         rng = torch.Generator().manual_seed(item_seed)
-        if self.cfg.serial_batches:
-            index_b = index % len(self.files_b)
-        else:
-            index_b = int(torch.randint(len(self.files_b), (1,), generator=rng))
-        img_a, skipped_a = self.load(self.files_a, index % len(self.files_a), rng)
-        img_b, skipped_b = self.load(self.files_b, index_b, rng)
-        return (train_transform(img_a, self.cfg, rng, no_crop),
-                train_transform(img_b, self.cfg, rng, no_crop), "\n".join(skipped_a + skipped_b))
+        index_b = (index % len(self.files_b) if cfg.serial_batches else
+                   int(torch.randint(len(self.files_b), (1,), generator=rng)))
+        skipped = []
+        img_a = self.load(self.files_a, index % len(self.files_a), rng, cfg.input_nc, skipped)
+        img_b = self.load(self.files_b, index_b, rng, cfg.output_nc, skipped)
+        return (*(train_transform(img, cfg, rng, no_crop) for img in (img_a, img_b)),
+                "\n".join(skipped))
 
     @staticmethod
-    def load(files: list, index: int, rng: torch.Generator, tries: int = 10):
-        """A corrupt file found mid-training is skipped with a warning for a
-        random other file of its domain; ten in a row means the domain is unusable."""
-        skipped = []
+    def load(files: list, index: int, rng: torch.Generator, channels: int, skipped: list,
+             tries: int = 10):
+        """A corrupt file found mid-training is skipped with a warning (added to
+        skipped) for a random other file of its domain; ten in a row: unusable."""
         for _ in range(tries):
             try:
-                return load_rgb(files[index]), skipped
+                return load_image(files[index], channels)
             except UserError as error:
                 reason = str(error)
                 skipped.append(f"warning: skipping unreadable image ({reason})")
                 index = int(torch.randint(len(files), (1,), generator=rng))
-        raise UserError(f"{tries} unreadable images in a row in {files[0].parent}, "
-                        f"the last: {reason}")
+        raise UserError(f"{tries} unreadable images in a row in {files[0].parent} (last: {reason})")
 
 
 def item_seed(*key) -> int:
@@ -1941,8 +1844,16 @@ NETWORK_KINDS = {
     "H_ema": ("projection head", None), "N": ("negative generator", "N")}
 
 
-def make_generator(cfg: TrainConfig) -> Generator:
-    return Generator(cfg.ngf, not cfg.no_antialias, not cfg.no_antialias_up)
+def domains(name: str) -> str:
+    """The domains of the images a network reads (and writes), by the naming rule: a
+    suffix _a, _b, _ab, _ba says it; their channels are --input_nc (a), --output_nc (b)."""
+    return {"G": "ab", "D": "b", "H": "a", "H_ema": "a"}.get(name, name.partition("_")[2])
+
+
+def make_generator(cfg: TrainConfig, domains: str = "ab") -> Generator:
+    nc = {"a": cfg.input_nc, "b": cfg.output_nc}
+    return Generator(cfg.ngf, not cfg.no_antialias, not cfg.no_antialias_up, 9, nc[domains[0]],
+                     nc[domains[1]])
 
 
 def fast_path(cfg: TrainConfig, device) -> bool:
@@ -1959,34 +1870,33 @@ def build_networks(cfg: TrainConfig, device) -> dict:
     """The mode's networks (§11), initialised, heads sized by the tapped layers'
     channels (F5); a network that no optimiser trains gets no gradients either."""
     with torch.device("meta"):                                # shapes only: no memory, no RNG
-        G = make_generator(cfg)
-        channels = G.tap_channels(cfg.layer_ids)
-        probe = torch.empty(1, 3, cfg.crop_size, cfg.crop_size)
-        positions = [f.shape[2] * f.shape[3] for f in G.encode(probe, cfg.layer_ids)]
-    if cfg.lambda_SIM > 0 and min(positions) < cfg.num_patches:
+        taps = {d: make_generator(cfg, d + d).tap_channels(cfg.layer_ids) for d in "ab"}
+        probe = torch.empty(1, cfg.input_nc, cfg.crop_size, cfg.crop_size)
+        smallest = min(f[0, 0].numel() for f in make_generator(cfg).encode(probe, cfg.layer_ids))
+    if cfg.lambda_SIM > 0 and smallest < cfg.num_patches:    # the fewest positions h·w of a tap
         raise UserError(f"SimDCL stacks num_patches ({cfg.num_patches}) patches of every tapped "
                         f"layer, but at --crop_size {cfg.crop_size} the smallest has "
-                        f"{min(positions)} positions: lower --num_patches or raise --crop_size")
-    build = {"generator": lambda: make_generator(cfg),
-             "discriminator": lambda: Discriminator(cfg.ndf, not cfg.no_antialias),
-             "projection head": lambda: ProjectionHead(channels, cfg.netF_nc),
-             "negative generator": lambda: NegativeGenerator(len(channels), cfg.netF_nc,
-                                                             count=cfg.num_patches),
-             "mapping head": lambda: MappingHead(len(cfg.layer_ids)),
-             "image pool": lambda: ImagePool(cfg.pool_size, cfg.crop_size)}
+                        f"{smallest} positions: lower --num_patches or raise --crop_size")
+    nc = {"a": cfg.input_nc, "b": cfg.output_nc}
+    build = {"generator": lambda d: make_generator(cfg, d),
+             "discriminator": lambda d: Discriminator(cfg.ndf, not cfg.no_antialias, nc[d]),
+             "projection head": lambda d: ProjectionHead(taps[d], cfg.netF_nc),
+             "negative generator": lambda d: NegativeGenerator(len(cfg.layer_ids), cfg.netF_nc,
+                                                               count=cfg.num_patches),
+             "mapping head": lambda d: MappingHead(len(cfg.layer_ids)),
+             "image pool": lambda d: ImagePool(cfg.pool_size, cfg.crop_size, nc[d])}
     nets = {}
     for name in MODES[cfg.mode].networks:
         kind, family = NETWORK_KINDS[name]
-        nets[name] = init_weights(build[kind](), cfg.init_type)
+        nets[name] = init_weights(build[kind](domains(name)), cfg.init_type)
         if family is None:              # H_ema: its own random init (F16), moved only by the EMA
             nets[name].requires_grad_(False)
     if cfg.lambda_perc > 0 or cfg.lambda_perc_content > 0:
         nets["vgg"] = Perceptual(cfg.vgg_weights)             # frozen: no optimiser, no checkpoint
-    nets = {name: net.to(device, memory_format=memory_layout(fast_path(cfg, device)))
-            for name, net in nets.items()}
-    for name, net in nets.items():      # compiled in place: the state-dict keys stay official
+    for name, net in nets.items():
+        net.to(device, memory_format=memory_layout(fast_path(cfg, device)))
         if cfg.compile and NETWORK_KINDS.get(name, ("",))[0] in ("generator", "discriminator"):
-            net.compile()
+            net.compile()               # in place: the state-dict keys stay official
     return nets
 
 
@@ -2000,9 +1910,8 @@ def build_optimizers(nets: dict, cfg: TrainConfig, fused: bool = False) -> dict:
         if family and trained:
             params.setdefault(family, []).extend(trained)
     for family, group in params.items():
-        lr, beta1 = cfg.lr, cfg.beta1
-        if family == "H":
-            lr, beta1 = cfg.lr_H or cfg.lr, cfg.beta1_H if cfg.beta1_H >= 0 else cfg.beta1
+        lr = (cfg.lr_H or cfg.lr) if family == "H" else cfg.lr
+        beta1 = cfg.beta1_H if family == "H" and cfg.beta1_H >= 0 else cfg.beta1
         opts[family] = torch.optim.Adam(group, lr=lr, betas=(beta1, cfg.beta2), fused=fused or None)
         opts[family].param_groups[0]["initial_lr"] = lr
     return opts
@@ -2032,15 +1941,11 @@ def lr_multiplier(epoch: int, cfg: TrainConfig) -> float:
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = torch.device("meta")                         # refused just below
-    if device.type not in ("cpu", "cuda"):
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
         raise UserError(f"--device {name}: use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if name != "cpu" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return device
+    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -2049,45 +1954,44 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def format_duration(seconds: float) -> str:
-    s = int(seconds)
-    days, hours, minutes = s // 86400, s // 3600 % 24, s // 60 % 60
-    return (f"{days}d{hours:02d}h" if days else f"{hours}h{minutes:02d}m" if hours
-            else f"{minutes}m{s % 60:02d}s")
-
-
 class Meter:
-    """Sums losses on the device, so the step never waits for the GPU; read at log steps."""
+    """Sums losses on the device, so the step never waits for the GPU; read at log steps.
+    The rate runs from the end of the first step (which pays for the start: workers,
+    cuDNN's autotuning, compiling) to now, steady enough for the ETA on a busy machine."""
 
     def __init__(self):
+        self.first, self.steps = None, 0                      # end of step 1, steps since
+        self.reset()
+
+    def reset(self) -> None:
         self.sums, self.count, self.start, self.data_time = {}, 0, time.perf_counter(), 0.0
 
     def add(self, losses: dict) -> None:
         for k, v in losses.items():
             self.sums[k] = self.sums.get(k, 0) + v
-        self.count += 1
+        self.count, self.steps = self.count + 1, self.steps + (self.first is not None)
+        self.first = self.first or time.perf_counter()
 
     def read(self, reset: bool = True) -> tuple[dict, float, float]:
-        """(mean losses, steps/s, fraction of time waiting for data) since the last reset."""
-        elapsed = time.perf_counter() - self.start
+        """(mean losses, data waiting share since the last reset; steps/s since step 1)."""
+        now = time.perf_counter()
         means = {k: float(v) / self.count for k, v in self.sums.items()}
-        speed, waiting = self.count / elapsed, self.data_time / elapsed
+        speed = self.steps / (now - self.first) if self.steps else self.count / (now - self.start)
+        waiting = self.data_time / (now - self.start)
         if reset:
-            self.__init__()
+            self.reset()
         return means, speed, waiting
 
 
 def fixed_samples(cfg: TrainConfig, dataset: UnpairedDataset, count: int = 4) -> tuple:
     """A few test inputs (else training ones), resized to crop_size² as the test does."""
-    batches = []
-    for test_folder, train_files in zip(domain_folders(cfg, "test"),
-                                        (dataset.files_a, dataset.files_b)):
-        files = find_images(test_folder) if test_folder.is_dir() else []
-        files = (files or train_files)[:count]
-        images = [load_rgb(p).resize((cfg.crop_size,) * 2, Image.Resampling.BICUBIC) for p in files]
+    batches, size = [], (cfg.crop_size,) * 2
+    for folder, files, nc in zip(domain_folders(cfg, "test"), (dataset.files_a, dataset.files_b),
+                                 (cfg.input_nc, cfg.output_nc)):
+        images = [load_image(p, nc).resize(size, Image.Resampling.BICUBIC)
+                  for p in (find_images(folder) or files)[:count]]  # test images, else training
         batches.append(torch.stack([to_tensor(img) for img in images]))
-    n = min(len(batches[0]), len(batches[1]))
-    return batches[0][:n], batches[1][:n]
+    return tuple(batch[:min(map(len, batches))] for batch in batches)
 
 
 @torch.no_grad()
@@ -2097,8 +2001,8 @@ def save_samples(nets, samples, cfg, device, path: Path) -> None:
     real_a, real_b = samples[0].to(device), samples[1].to(device)
     G = nets["G"] if "G" in nets else nets["G_ab"]
     last = [nets["G_ba"](real_b)] if "G_ba" in nets else [G(real_b)] if cfg.nce_idt else []
-    grid = torch.stack([real_a, G(real_a), real_b, *last], 1).float().cpu()
-    grid = F.pad(grid, (2, 0, 2, 0), value=-1)                # rows×cols×3×(h+2)×(w+2)
+    grid = torch.stack([x.expand(-1, 3, -1, -1) for x in (real_a, G(real_a), real_b, *last)], 1)
+    grid = F.pad(grid.float().cpu(), (2, 0, 2, 0), value=-1)  # rows×cols×3×(h+2)×(w+2), gray as RGB
     rows, cols, _, h, w = grid.shape
     image = F.pad(grid.permute(2, 0, 3, 1, 4).reshape(3, rows * h, cols * w), (0, 2, 0, 2),
                   value=-1)
@@ -2124,10 +2028,30 @@ def open_run(cfg: TrainConfig, origin: dict, latest: Path) -> tuple:
         cfg = resume_config(resume, cfg, origin, latest)
         origin = {f.name: "flag" if origin.get(f.name) == "flag" else "stored" for f in fields(cfg)}
         return cfg, origin, resume
+    refuse_existing(latest)
+    return cfg, origin, None
+
+
+def refuse_existing(latest: Path) -> None:
     if latest.exists():
         raise UserError(f"{latest} exists: add --continue_train to continue that run, "
                         "or choose another --name")
-    return cfg, origin, None
+
+
+HELD_LOCKS = {}                         # run folder -> descriptor, locked by this process
+
+
+def lock_run(run_dir: Path) -> None:
+    """Lock the run folder until this process ends (the system drops the lock
+    even after kill -9): a second training in the same folder is refused."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = HELD_LOCKS.get(run_dir.resolve()) or os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UserError(f"{run_dir} is in use by another training run (same --name and "
+                        "--checkpoints_dir); wait for it, or choose another --name") from None
+    HELD_LOCKS[run_dir.resolve()] = handle
 
 
 def restore_run(resume: dict, latest: Path, nets: dict, opts: dict, fast: bool,
@@ -2164,9 +2088,7 @@ def next_batch(batches):
     """The next (real_a, real_b, notes), or None at the end. An error raised in a
     worker arrives as a traceback in text: only its last line is the message."""
     try:
-        return next(batches)
-    except StopIteration:
-        return None
+        return next(batches, None)
     except UserError as error:
         text = str(error).strip()
         message = text.splitlines()[-1].partition(": ")[2] if "\n" in text else text
@@ -2191,7 +2113,7 @@ def train(cfg: TrainConfig, origin: dict, argv: list) -> int:
 
     # 2. The run folder: a new run, or the stored config and state of the one to continue.
     run_dir = Path(cfg.checkpoints_dir) / cfg.name
-    latest = run_dir / "ckpt_latest.pt"
+    latest, sample_dir = run_dir / "ckpt_latest.pt", run_dir / "samples"
     cfg, origin, resume = open_run(cfg, origin, latest)
 
     # 3. Reproducibility: one seed gives the same initial weights in every process.
@@ -2208,16 +2130,12 @@ def train(cfg: TrainConfig, origin: dict, argv: list) -> int:
         raise UserError(f"--batch_size {cfg.batch_size} × {world} processes is larger than the "
                         f"dataset ({len(dataset)})")
     samples = fixed_samples(cfg, dataset)
-    tests = TestSplit(cfg, device) if cfg.eval_freq and master else None     # §18
+    tests = TestSplit(cfg, device, resume) if cfg.eval_freq and master else None     # §18
 
     # 5. Networks and optimisers, with their stored state when continuing.
     nets, opts, fast = build_training(cfg, device)
-    step, epoch, epoch_step = 0, 1, 0
-    if resume is not None:
-        step, epoch, epoch_step = restore_run(resume, latest, nets, opts, fast, steps_per_epoch,
-                                              world)
-        if tests is not None:
-            tests.last, tests.best = resume.get("last"), resume.get("best")   # scores so far
+    step, epoch, epoch_step = (0, 1, 0) if resume is None else restore_run(
+        resume, latest, nets, opts, fast, steps_per_epoch, world)
 
     def position() -> dict:             # what ckpt_latest.pt holds besides weights and states
         return dict(step=step, epoch=epoch, epoch_step=epoch_step, world=world,
@@ -2228,58 +2146,53 @@ def train(cfg: TrainConfig, origin: dict, argv: list) -> int:
             opt.register_step_pre_hook(average_gradients)
 
     # 6. Say what will happen; record what made the run.
-    if master:
-        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+    if master:                          # from here on the folder is this run's, resumable
+        lock_run(run_dir)
+        if resume is None:              # a run started meanwhile, finished before the lock
+            refuse_existing(latest)
+            save_checkpoint(latest, nets, cfg, opts, position())
+        sample_dir.mkdir(exist_ok=True)
         write_run_info(run_dir, cfg, device, argv)
     total_steps = min(cfg.total_epochs * steps_per_epoch, cfg.max_steps or math.inf)
     say(describe_config(cfg, origin))
-    sizes = {k: sum(p.numel() for p in v.parameters()) for k, v in nets.items()}
-    say("networks: " + ", ".join(f"{k} {n / 1e6:.3f}M" for k, n in sizes.items() if n))
+    sizes = {k: sum(p.numel() for p in v.parameters()) / 1e6 for k, v in nets.items()}
+    say("networks: " + ", ".join(f"{k} {n:.3f}M" for k, n in sizes.items() if n))
     batch = (f"batch {cfg.batch_size}" if world == 1 else f"batch {cfg.batch_size} per process × "
              f"{world} processes = {cfg.batch_size * world} (the papers used 1; lr not scaled)")
-    say(f"data: {len(dataset.files_a)} A, {len(dataset.files_b)} B images, {steps_per_epoch} "
-        f"steps per epoch, {batch}; device {device}{', bf16 fast path' if fast else ''}; "
-        f"run folder {run_dir}")
+    say(f"data: {len(dataset.files_a)} A, {len(dataset.files_b)} B images, {steps_per_epoch} steps"
+        f" per epoch, {batch}; device {device}{', bf16 fast path' * fast}; run folder {run_dir}")
     say(f"schedule: lr {cfg.lr:g} for epochs 1-{cfg.n_epochs}, then linear decay over "
         f"{cfg.n_epochs_decay} epochs{' without random crops' if not cfg.crop_in_decay else ''}; "
         f"{total_steps} steps in all" + (f", resuming at step {step}" if step else ""))
     if tests is not None:
         say(f"eval: every {cfg.eval_freq} epoch(s), {len(tests.files[0])} + {len(tests.files[1])} "
             f"test images{' (paired)' * tests.paired}; ckpt_best.pt by {tests.metric}")
-    if origin.get("dataroot") not in ("flag", "stored"):
-        say(f"No --dataroot: training on the bundled set in {BUNDLED_DATA} with demo settings. "
-            f"Watch {run_dir / 'samples'}: a 2-core CPU shows the translation within ~10 minutes.")
+    if Path(cfg.dataroot).resolve() == BUNDLED_DATA:
+        say(f"Training on the bundled set in {BUNDLED_DATA} with demo settings. Watch "
+            f"{sample_dir}: on 2 CPU cores the sky darkens after epoch 1 (CUT: under a minute).")
 
     # 7. The loop: one step per batch, until the schedule or --max_steps ends, or a signal.
     step_fn, meter = MODES[cfg.mode].step, Meter()
-    amp = torch.autocast(device.type, torch.bfloat16, enabled=fast)
-    layout = memory_layout(fast)
+    amp, layout = torch.autocast(device.type, torch.bfloat16, enabled=fast), memory_layout(fast)
     log = open_log(run_dir, step, resume is not None) if master else None
     tty, last_print = sys.stdout.isatty() and master, 0.0
     stop = install_stop_handlers()
-    finished = bool(cfg.max_steps) and step >= cfg.max_steps
-    skipped_files, halt = 0, 0
+    finished, halt = bool(cfg.max_steps) and step >= cfg.max_steps, 0
     batches = batches_from(dataset, cfg, epoch, epoch_step, rank, world, device)
     try:
         while epoch <= cfg.total_epochs and not finished:
             lr_now = cfg.lr * lr_multiplier(epoch, cfg)
-            for opt in opts.values():
-                for group in opt.param_groups:
-                    group["lr"] = group["initial_lr"] * lr_multiplier(epoch, cfg)
+            for group in [group for opt in opts.values() for group in opt.param_groups]:
+                group["lr"] = group["initial_lr"] * lr_multiplier(epoch, cfg)
             wait = time.perf_counter()
-            batch = next_batch(batches)
-            if batch is None:
+            if (batch := next_batch(batches)) is None:
                 break
-            real_a, real_b, notes = batch
             meter.data_time += time.perf_counter() - wait
-            for note in filter(None, notes):                  # unreadable images skipped
+            for note in filter(None, batch[2]):               # unreadable images skipped
                 print(note, file=sys.stderr)
-                skipped_files += note.count("\n") + 1
-            with amp:
-                losses = step_fn(nets, opts,
-                                 real_a.to(device, non_blocking=True, memory_format=layout),
-                                 real_b.to(device, non_blocking=True, memory_format=layout), cfg,
-                                 epoch=epoch)
+            with amp:                                         # batch: real_a, real_b, notes
+                losses = step_fn(nets, opts, *(x.to(device, non_blocking=True, memory_format=layout)
+                                               for x in batch[:2]), cfg, epoch=epoch)
             meter.add(losses)
             step, epoch_step = step + 1, epoch_step + 1
             finished = bool(cfg.max_steps) and step >= cfg.max_steps
@@ -2297,13 +2210,11 @@ def train(cfg: TrainConfig, origin: dict, argv: list) -> int:
                 report(meter, log if log_now else None, cfg, step, epoch, epoch_step,
                        steps_per_epoch, total_steps, lr_now, device, tty, log_now)
             if master and step % cfg.display_freq == 0:
-                save_samples(nets, samples, cfg, device,
-                             run_dir / "samples" / f"step_{step:07d}.png")
+                save_samples(nets, samples, cfg, device, sample_dir / f"step_{step:07d}.png")
             if epoch_done:
                 if master and epoch % cfg.save_epoch_freq == 0:
                     save_checkpoint(run_dir / f"ckpt_epoch_{epoch:03d}.pt", nets, cfg)
-                    save_samples(nets, samples, cfg, device,
-                                 run_dir / "samples" / f"epoch_{epoch:03d}.png")
+                    save_samples(nets, samples, cfg, device, sample_dir / f"epoch_{epoch:03d}.png")
                 if tests is not None and epoch % cfg.eval_freq == 0:
                     tests.score(nets, cfg, log, step, epoch, run_dir)
                 epoch, epoch_step = epoch + 1, 0
@@ -2321,15 +2232,13 @@ def train(cfg: TrainConfig, origin: dict, argv: list) -> int:
     # 8. The end: a checkpoint to continue from, the last samples, the command that continues.
     if master:
         save_checkpoint(latest, nets, cfg, opts, position())
-        save_samples(nets, samples, cfg, device, run_dir / "samples" / "latest.png")
+        save_samples(nets, samples, cfg, device, sample_dir / "latest.png")
         resume_cmd = shlex.join(["python", "dcl.py", "train", "--name", cfg.name,
                                  "--checkpoints_dir", cfg.checkpoints_dir, "--continue_train"])
         more = "--max_steps M (or 0 for every epoch)" if cfg.max_steps else "--n_epochs N"
-        if skipped_files:
-            print(f"skipped {skipped_files} reads of unreadable images (see the warnings above)")
         print(f"stopped by signal {halt} at step {step}; checkpoint saved. Resume with:\n  "
               f"{resume_cmd}" if halt else f"done: {step} steps; checkpoint {latest}, samples in "
-              f"{run_dir / 'samples'}. To train longer: {resume_cmd} {more}")
+              f"{sample_dir}. To train longer: {resume_cmd} {more}")
         if tests is not None and tests.best:
             last, best = tests.last, tests.best
             print(f"eval ({tests.metric}): last {last['value']:.4g} at epoch {last['epoch']}; best "
@@ -2344,18 +2253,16 @@ def report(meter, log, cfg, step, epoch, epoch_step, steps_per_epoch, total_step
     """The progress line (in place on a terminal) and, at log steps, a JSON row."""
     first = step - meter.count + 1
     means, speed, waiting = meter.read(reset=log_now)         # a terminal refresh only peeks
-    bad = [k for k, v in means.items() if not math.isfinite(v)]
-    if bad:                                         # checked before every checkpoint write
+    if bad := [k for k, v in means.items() if not math.isfinite(v)]:  # before every checkpoint
         raise UserError(f"loss {bad[0]} became {means[bad[0]]} in steps {first}-{step} (epoch "
-                        f"{epoch}); the last checkpoint was kept. Try a lower --lr or check "
-                        "the data")
+                        f"{epoch}); the last checkpoint was kept. Lower --lr or check the data")
     losses = " ".join(f"{k} {v:.3f}" for k, v in means.items())
     memory = (f" | {torch.cuda.max_memory_allocated(device) / 2**30:.1f}G"
               if device.type == "cuda" else "")
+    eta = datetime.timedelta(seconds=int((total_steps - step) / speed))
     line = (f"[{cfg.mode}] ep {epoch}/{cfg.total_epochs} it {epoch_step}/{steps_per_epoch} | "
-            f"{speed:.2f} it/s | eta {format_duration((total_steps - step) / speed)} | "
-            f"lr {lr_now:.1e} | {losses}" + (f" | data {waiting:.0%}" if waiting > 0.1 else "")
-            + memory)
+            f"{speed:.2f} it/s | eta {eta} | lr {lr_now:.1e} | {losses}"
+            + (f" | data {waiting:.0%}" if waiting > 0.1 else "") + memory)
     if tty:
         width = max(40, os.get_terminal_size().columns - 1)
         print("\r" + line[:width].ljust(width), end="\n" if log_now else "", flush=True)
@@ -2375,11 +2282,9 @@ def install_stop_handlers() -> dict:
         if stop["signal"]:
             raise KeyboardInterrupt
         stop["signal"] = signum
-    try:
+    with contextlib.suppress(ValueError):                     # not the main thread (e.g. in a test)
         old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         stop["restore"] = lambda: [signal.signal(s, h) for s, h in old.items()]
-    except ValueError:                                        # not the main thread (e.g. in a test)
-        pass
     return stop
 
 
@@ -2392,26 +2297,19 @@ def install_stop_handlers() -> dict:
 # may change only the settings in RESUMABLE; translate rebuilds G from the config.
 
 CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "dcl.py checkpoint", 1
-RESUMABLE = {"n_epochs", "n_epochs_decay", "max_steps", "device", "num_threads", "print_freq",
-             "display_freq", "save_latest_freq", "save_epoch_freq", "continue_train",
-             "deterministic", "checkpoints_dir", "dataroot", "vgg_weights", "fast", "compile",
-             "eval_freq", "inception_weights"}
+RESUMABLE = set("n_epochs n_epochs_decay max_steps device num_threads print_freq display_freq "
+                "save_latest_freq save_epoch_freq continue_train deterministic checkpoints_dir "
+                "dataroot vgg_weights fast compile eval_freq inception_weights".split())
 
 
 def rng_state() -> dict:
-    kind, keys, position, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached)}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    """torch's generators only: nothing here draws from Python's or numpy's (F3)."""
+    cuda = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
+    return {"torch": torch.get_rng_state(), **cuda}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    kind, keys, position, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -2448,6 +2346,9 @@ def read_checkpoint(path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
+        with open(path, "rb") as f:                          # torch.save writes a zip archive
+            if f.read(2) not in (b"PK", b"\x80\x02"):           # (before PyTorch 1.6: a pickle)
+                raise UserError(f"{path} is not a checkpoint (torch.save did not write it)")
         text = str(error).strip()
         reason = text.splitlines()[0][:120] if text else type(error).__name__
         raise UserError(f"{path} is not a readable checkpoint ({reason})") from None
@@ -2510,40 +2411,44 @@ def resume_config(ckpt: dict, cfg: TrainConfig, origin: dict, path: Path) -> Tra
 
 
 # -----------------------------------------------------------------------------
-# 17. Translate
+# 17. Translate and test
 # -----------------------------------------------------------------------------
 # G is fully convolutional, so it translates any size: reflect-pad to a
 # multiple of 4 (two halvings and two doublings), translate, crop back (F8).
 
-def load_generator(path, mode: str | None, direction: str, device) -> nn.Module:
-    """A trained G from a dcl.py checkpoint (--direction: G_ab or G_ba), or an official
-    state dict (`latest_net_G.pth`, ...; its CPU runs save `module.` keys) and --mode."""
+def load_generator(path, mode: str | None, direction: str, device) -> tuple:
+    """(G, its config): a trained G from a dcl.py checkpoint (--direction: G_ab or G_ba), or
+    an official state dict (`latest_net_G.pth`, ...; CPU runs save `module.` keys) and --mode."""
     ckpt = {k.removeprefix("module."): v for k, v in read_checkpoint(path).items()}  # DataParallel
     if ckpt.get("format") == CHECKPOINT_FORMAT:
         mode, cfg, nets = ckpt["mode"], stored_config(ckpt, path), ckpt["nets"]
         if direction == "BtoA" and "G_ba" not in nets:
             raise UserError(f"{path} is a {mode} checkpoint with one generator (A to B); it cannot "
                             "translate BtoA. Train with --direction BtoA for the other way")
-        state = nets["G"] if "G" in nets else nets["G_ba" if direction == "BtoA" else "G_ab"]
+        name = "G" if "G" in nets else "G_ba" if direction == "BtoA" else "G_ab"
+        state, sides = nets[name], domains(name)
     elif "model.1.weight" in ckpt:
         if mode is None:
             raise UserError(f"{path} is an official state dict: say which method made it with "
                             f"--mode ({', '.join(MODES)})")
-        state = ckpt                                          # the file itself picks the direction
-        cfg = TrainConfig(**{**MODES[mode].preset, "mode": mode,
-                             "ngf": state["model.1.weight"].shape[0]})
+        state, sides = ckpt, "ab"                             # the file picks the direction
+        last = max(int(k.split(".")[1]) for k in state if k.startswith("model."))
+        cfg = TrainConfig(**{**MODES[mode].preset, "mode": mode, "ngf": state["model.1.weight"]
+                             .shape[0], "input_nc": state["model.1.weight"].shape[1],
+                             "output_nc": state[f"model.{last}.weight"].shape[0]})
     else:
         raise UserError(f"{path} is neither a dcl.py checkpoint nor an official generator "
                         "state dict")
-    G = make_generator(cfg)
+    G = make_generator(cfg, sides)
     load_state(G, state, str(path))
-    return G.to(device).eval()
+    return G.to(device).eval(), cfg
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """3×h×w in [−1, 1] -> h×w×3 uint8 as the official tensor2im: (x + 1)/2·255, truncated."""
+    """C×h×w in [−1, 1] -> h×w×C (1 channel: h×w) uint8 as the official tensor2im:
+    (x + 1)/2·255, truncated."""
     array = (image.float().clamp(-1, 1).cpu().numpy().transpose(1, 2, 0) + 1) / 2.0 * 255.0
-    return array.astype(np.uint8)
+    return array.astype(np.uint8).squeeze(2) if len(image) == 1 else array.astype(np.uint8)
 
 
 def output_paths(files: list, input_path: Path, output: Path) -> list:
@@ -2556,40 +2461,62 @@ def output_paths(files: list, input_path: Path, output: Path) -> list:
             for r, t in zip(relative, targets)]
 
 
-def prepared_input(path: Path, resize: int, max_side: int) -> Image.Image:
-    img = load_rgb(path)
-    if resize:                                            # official test protocol: square bicubic
-        img = img.resize((resize, resize), Image.Resampling.BICUBIC)
-    if max_side and max(img.size) > max_side:                 # keep the aspect ratio
-        scale = max_side / max(img.size)
-        img = img.resize((max(8, round(img.width * scale)), max(8, round(img.height * scale))),
-                         Image.Resampling.BICUBIC)
-    return img
-
-
 def translate(args) -> int:
-    device = pick_device(args.device)
-    input_path, output = Path(args.input), Path(args.output)
+    device, input_path, output = pick_device(args.device), Path(args.input), Path(args.output)
     if not input_path.exists():
         raise UserError(f"--input {input_path} does not exist")
     files = [input_path] if input_path.is_file() else find_images(input_path, least=1)
     if input_path.is_dir() and output.resolve() == input_path.resolve():
         raise UserError(f"--output {output} is the input folder; choose another")
-    G = load_generator(args.checkpoint, args.mode, args.direction, device)
+    G, cfg = load_generator(args.checkpoint, args.mode, args.direction, device)
+    if args.mode not in (None, cfg.mode):
+        print(f"note: --mode {args.mode} ignored: {args.checkpoint} holds a {cfg.mode} model")
     start = time.perf_counter()
-    translate_files(G, files, input_path, output, device, args.resize, args.max_side)
+    translate_files(G, files, input_path, output, device, args.resize)
     rate = len(files) / (time.perf_counter() - start)
     print(f"translated {len(files)} image{'s' * (len(files) != 1)} into {output} "
           f"({rate:.2f} images/s, reading and writing included)")
     return 0
 
 
+def run_test(cfg: TrainConfig, origin: dict, args) -> int:
+    """test, the official test.py: the run's G (a dcl.py checkpoint, or official weights)
+    translates DATAROOT/<phase>A at crop_size² (--preprocess none: native size) into
+    results_dir/name/<phase>_<epoch>/images/fake_B, beside real_A and real_B made
+    the same way, the folders of the official FID recipe. All images, or --num_test."""
+    run, epoch = Path(cfg.checkpoints_dir) / cfg.name, args.epoch
+    ours = run / (f"ckpt_epoch_{int(epoch):03d}.pt" if epoch.isdigit() else f"ckpt_{epoch}.pt")
+    found = [p for p in (ours, run / f"{epoch}_net_G.pth", run / f"{epoch}_net_G_A.pth")
+             if p.is_file()]
+    if not found:
+        raise UserError(f"--epoch {epoch}: no {ours.name}, {epoch}_net_G.pth or "
+                        f"{epoch}_net_G_A.pth in {run}")
+    device = pick_device(cfg.device)
+    G, stored = load_generator(found[0], cfg.mode, "AtoB", device)
+    typed = {k: getattr(cfg, k) for k in ("crop_size", "direction") if origin.get(k) == "flag"}
+    stored = dataclasses.replace(stored, dataroot=cfg.dataroot, **typed)
+    out = Path(args.results_dir) / cfg.name / f"{args.phase}_{epoch}" / "images"
+    resize = 0 if args.preprocess == "none" else stored.crop_size
+    folder_a, folder_b = domain_folders(stored, args.phase)
+    for visual, net, folder, nc in (("real_A", nn.Identity(), folder_a, stored.input_nc), (
+            "fake_B", G, folder_a, 0), ("real_B", nn.Identity(), folder_b, stored.output_nc)):
+        files = find_images(folder, 1, f" (test --phase {args.phase})")[:args.num_test or None]
+        translate_files(net, files, folder, out / visual, device, resize, nc)
+        print(f"{visual}: {len(files)} images into {out / visual}")
+    print(f"FID, KID: python dcl.py eval --fake {out / 'fake_B'} --real {out / 'real_B'}")
+    return 0
+
+
 @torch.no_grad()
 def translate_files(G, files: list, input_path: Path, output: Path, device, resize: int = 0,
-                    max_side: int = 0) -> None:
-    """Each file through G, written as a PNG under output (output_paths)."""
+                    channels: int = 0) -> None:
+    """Each file through G (channels: of its input; 0: read off G), resized to resize²
+    first if given (the official test: bicubic), written as a PNG under output."""
+    channels = channels or G.model[1].in_channels
     for path, target in zip(files, output_paths(files, input_path, output)):
-        x = to_tensor(prepared_input(path, resize, max_side))[None].to(device)  # 1×3×h×w
+        img = load_image(path, channels)
+        img = img.resize((resize, resize), Image.Resampling.BICUBIC) if resize else img
+        x = to_tensor(img)[None].to(device)                   # 1×C×h×w
         h, w = x.shape[2:]
         if min(h, w) < 8:
             raise UserError(f"{path} is {w}x{h}; images need at least 8 pixels per side")
@@ -2599,8 +2526,8 @@ def translate_files(G, files: list, input_path: Path, output: Path, device, resi
         except RuntimeError as error:                         # torch.OutOfMemoryError included
             if "memory" not in str(error) and "alloc" not in str(error):
                 raise
-            raise UserError(f"{path} ({w}x{h}) does not fit in {device} memory: use --max_side "
-                            f"{max(64, max(w, h) // 2)} (or another --device)") from None
+            raise UserError(f"{path} ({w}x{h}) does not fit in {device} memory: shrink it, "
+                            "use --resize N, or another --device") from None
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(to_uint8(translated)).save(target)
@@ -2611,14 +2538,13 @@ def translate_files(G, files: list, input_path: Path, output: Path, device, resi
 # -----------------------------------------------------------------------------
 # 18. Evaluation: FID, KID and paired scores
 # -----------------------------------------------------------------------------
-# The papers report FID, the Fréchet distance between Gaussians fitted to
-# Inception-v3 pool features of the translated and of the real target test
-# images, as the pytorch-fid package computes it (its network and weights, 2048-d,
-# 299² bilinear); another network or resize gives an incomparable number. Below
-# 2,048 images FID is biased upwards; KID, unbiased, stands beside it. A paired
-# test split (testA/x and testB/x one scene, as in the bundled data) also gives
-# PSNR and MAE, with no weights file. Papers report the best score seen during
-# training (train --eval_freq keeps that checkpoint), not the last.
+# The papers report FID, the Fréchet distance between Gaussians fitted to Inception-v3 pool
+# features of the translated and of the real target test images, as the pytorch-fid package
+# computes it (its network and weights, 2048-d, 299² bilinear); another network or resize gives an
+# incomparable number. Below 2,048 images FID is biased upwards; KID, unbiased, stands beside it. A
+# paired test split (testA/x and testB/x one scene, as in the bundled data) also gives PSNR and
+# MAE, with no weights file. Papers report the best score seen during training (train --eval_freq
+# keeps that checkpoint), not the last.
 
 FID_FILE = "pt_inception-2015-12-05-6726825d.pth"         # pytorch-fid's weights file
 FID_GET = "pip install pytorch-fid and run `python -m pytorch_fid DIR1 DIR2` on any two folders"
@@ -2631,9 +2557,8 @@ def local_weights(given: str, name: str, user: str, flag: str, recipe: str) -> P
     (torchvision's and pytorch-fid's); None for 'random'. Never downloaded."""
     path = Path(given) if given else Path(torch.hub.get_dir()) / "checkpoints" / name
     if given != "random" and not path.is_file():
-        raise UserError(f"{user}: no {name} at {path}. Nothing is downloaded: on a "
-                        f"networked machine {recipe} once, then copy the file to {path.parent} "
-                        f"or pass {flag} PATH")
+        raise UserError(f"{user}: no {name} at {path}. Nothing is downloaded: on a networked "
+                        f"machine {recipe} once, then copy it to {path.parent} or pass {flag} PATH")
     return None if given == "random" else path
 
 
@@ -2716,9 +2641,8 @@ def paired_scores(pairs) -> dict:
 
 def unit_image(path: Path, size: tuple | None = None) -> torch.Tensor:
     """An image file -> 3×h×w in [0, 1], resized (bicubic) to size = (w, h) if given."""
-    img = load_rgb(path)
-    if size not in (None, img.size):
-        img = img.resize(size, Image.Resampling.BICUBIC)
+    img = load_image(path)
+    img = img.resize(size, Image.Resampling.BICUBIC) if size not in (None, img.size) else img
     return torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255
 
 
@@ -2732,8 +2656,7 @@ def score_folders(fake_dir: Path, real_dir: Path, paired: bool, net: FIDInceptio
     if paired:
         by_name = {p.relative_to(real_dir).with_suffix(""): p for p in reals}
         names = [p.relative_to(fake_dir).with_suffix("") for p in fakes]
-        missing = [str(n) for n in names if n not in by_name]
-        if missing:
+        if missing := [str(n) for n in names if n not in by_name]:
             raise UserError(f"--paired: {len(missing)} of {len(fakes)} images in {fake_dir} have "
                             f"no counterpart of the same name in {real_dir}, e.g. {missing[0]}")
         scores.update(paired_scores((x, unit_image(by_name[n], x.shape[:0:-1]))
@@ -2763,15 +2686,17 @@ def evaluate(args) -> int:
 class TestSplit:
     """The test split scored during training (--eval_freq) as the official test and
     eval would: each G translates its test folder at crop_size² into run_dir/eval/,
-    scored against the other (PSNR and MAE if paired: the same names both sides)."""
+    scored against the other (PSNR and MAE if paired: the same names both sides).
+    Continuing a run (resume: its checkpoint), it goes on from the stored scores."""
 
-    def __init__(self, cfg: TrainConfig, device: torch.device):
+    def __init__(self, cfg: TrainConfig, device: torch.device, resume: dict | None = None):
         self.folders = domain_folders(cfg, "test")
         self.files = [find_images(f, 2, " (--eval_freq needs 2 or more test images per domain)")
                       for f in self.folders]
         names = [[p.relative_to(f).with_suffix("") for p in fs]
                  for f, fs in zip(self.folders, self.files)]
-        self.paired, self.device, self.last, self.best = names[0] == names[1], device, None, None
+        self.paired, self.device = names[0] == names[1], device
+        self.last, self.best = (resume or {}).get("last"), (resume or {}).get("best")
         if cfg.eval_metric == "psnr" and not self.paired:
             raise UserError(f"--eval_metric psnr: the test split in {cfg.dataroot} is not paired "
                             "(testA and testB file names differ)")
@@ -2818,10 +2743,8 @@ class TestSplit:
 def matmul_tflops(device: torch.device, sync) -> tuple[float, str]:
     """Measured matrix-multiply rate (n×n @ n×n is 2n³ operations): bf16 on a GPU,
     the ceiling of --fast; fp32 on a CPU, which has no fast bf16 kernels."""
-    if device.type == "cuda":
-        size, reps, dtype = 8192, 20, torch.bfloat16
-    else:
-        size, reps, dtype = 1024, 5, torch.float32
+    size, reps, dtype = (8192, 20, torch.bfloat16) if device.type == "cuda" else (1024, 5,
+                                                                                  torch.float32)
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     a @ b, sync()                                             # warm-up
     start = time.perf_counter()
@@ -2842,9 +2765,8 @@ def bench(flags: dict, modes: list, steps: int, warmup: int) -> int:
             "crop_size", 256), **flags, "mode": mode})
         seed_everything(cfg.seed)
         nets, opts, fast = build_training(cfg, device)
-        shape = (cfg.batch_size, 3, cfg.crop_size, cfg.crop_size)
-        real_a, real_b = (torch.rand(shape, device=device).mul(2).sub(1)
-                          .to(memory_format=memory_layout(fast)) for _ in "ab")
+        real_a, real_b = (torch.rand(cfg.batch_size, 3, cfg.crop_size, cfg.crop_size, device=device)
+                          .mul(2).sub(1).to(memory_format=memory_layout(fast)) for _ in "ab")
 
         def run():        # one autocast region per step, as in train: it caches bf16 weight copies
             with torch.autocast(device.type, torch.bfloat16, enabled=fast):
@@ -2863,13 +2785,12 @@ def bench(flags: dict, modes: list, steps: int, warmup: int) -> int:
         seconds, tflop = (time.perf_counter() - start) / steps, flops.get_total_flops() / 1e12
         if not all(math.isfinite(float(v)) for v in losses.values()):
             raise UserError(f"bench {mode}: a loss is not finite")
-        peak = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None
         row = dict(mode=mode, device=torch.cuda.get_device_name(device) if cuda else "cpu",
                    torch=torch.__version__, batch_size=cfg.batch_size, crop_size=cfg.crop_size,
                    fast=fast, compile=cfg.compile, s_per_iter=seconds,
                    images_per_s=cfg.batch_size / seconds, tflop_per_iter=tflop,
                    tflops=tflop / seconds, matmul_tflops=ceiling, matmul_dtype=dtype,
-                   peak_memory_gb=peak)
+                   peak_memory_gb=torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None)
         row = {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in row.items()}
         print(f"{mode:<10} {seconds:.4f} s/iter {row['images_per_s']:8.2f} images/s  "
               f"{tflop:.4g} TFLOP/iter {tflop / seconds:.4g} TFLOP/s = "
@@ -2914,8 +2835,25 @@ def average_gradients(opt: torch.optim.Optimizer, args=(), kwargs=None) -> None:
 # -----------------------------------------------------------------------------
 # 21. Command line
 # -----------------------------------------------------------------------------
-# train and bench get one flag per TrainConfig field, generated from the
-# dataclass, with the official spelling; translate and eval have their own few.
+# train, test and bench get one flag per TrainConfig field, generated from the dataclass, with
+# the official spelling; translate and eval have their own few. Official command lines run too:
+# --model (with --CUT_mode, --NEGCUT_mode) picks --mode, --gpu_ids the --device; OFFICIAL holds
+# the one value implemented of other official flags (argparse refuses others), IGNORED the rest.
+
+OFFICIAL_MODELS = {"cut": "cut", "negcut": "negcut", "dcl": "dcl", "simdcl": "simdcl",
+                   "cycle_gan": "cyclegan", "qs": "cut"}    # qs: QS-Attn, CUT with its patches
+OFFICIAL = dict(                        # the one value dcl.py implements: the official default
+    netG="resnet_9blocks", netD="basic", normG="instance", normD="instance", n_layers_D="3",
+    lr_policy="linear", dataset_mode="unaligned", init_gain="0.02", no_dropout="true",
+    QS_mode="global", phase="train", preprocess="resize_and_crop", epoch="latest",
+    netF="mlp_sample")
+IGNORED = ("display_id display_port display_server display_env display_ncols display_winsize "
+           "update_html_freq no_html verbose suffix easy_label save_by_iter epoch_count "
+           "lr_decay_iters evaluation_freq eval").split()   # display, HTML, naming: no use here
+GROUPS = dict(mode="method", dataroot="data", ngf="model", gan_mode="losses", lambda_perc=
+              "extensions", nce_loss="successors of PatchNCE (§8)", n_epochs="optimisation",
+              name="run", eval_freq="evaluation (§18)")
+
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):                                 # one line, exit 2, no usage dump
@@ -2923,46 +2861,101 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("1", "true", "yes", "on")
 
 
-def add_config_flags(sub: argparse.ArgumentParser, modes: tuple) -> None:
-    """One flag per config field, named as officially; booleans: --f, --f true, --f false."""
+def add_config_flags(sub: argparse.ArgumentParser, modes: tuple, mode: str) -> None:
+    """One flag per config field, named as officially, in GROUPS; booleans: --f, --f true,
+    --f false. The defaults shown are those of `mode` (the --mode typed, else cut)."""
     for f in fields(TrainConfig):
-        kw = dict(dest=f.name, default=argparse.SUPPRESS,
-                  help=f.metadata["help"] + f" (default {f.default!r})")
+        group = sub.add_argument_group(GROUPS[f.name]) if f.name in GROUPS else group
+        preset, text = MODES[mode].preset, f.metadata["help"]
+        shown = f" (default {preset.get(f.name, f.default)!r}{f' in {mode}' * (f.name in preset)})"
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=text + shown * ("default" not in
+                                                                               text))
         if isinstance(f.default, bool):
             kw.update(nargs="?", const=True, type=parse_bool, metavar="BOOL")
         else:
             kw.update(type=type(f.default),
                       choices=modes if f.name == "mode" else f.metadata.get("choices"))
-        sub.add_argument(f"--{f.name}", *f.metadata.get("aliases", ()), **kw)
+        group.add_argument(f"--{f.name}", *f.metadata.get("aliases", ()), **kw)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_official_flags(sub: argparse.ArgumentParser, own: tuple = ()) -> None:
+    """The flags of OFFICIAL (other values: refused by argparse) and IGNORED, but
+    those the command has itself; --help sums them up in one paragraph."""
+    fixed = {k: v for k, v in OFFICIAL.items() if k not in own}
+    group = sub.add_argument_group("official flags", f"--model {'|'.join(OFFICIAL_MODELS)} (with "
+                                   "--CUT_mode, --NEGCUT_mode) sets --mode; --gpu_ids -1|N sets "
+                                   "--device; accepted as " + ", ".join(f"--{k} {v}" for k, v in
+                                   fixed.items()) + "; ignored: --" + " --".join(IGNORED))
+    hidden = dict(default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    group.add_argument("--model", type=str.lower, choices=tuple(OFFICIAL_MODELS), **hidden)
+    group.add_argument("--CUT_mode", type=str.lower, choices=("cut", "fastcut"), **hidden)
+    group.add_argument("--NEGCUT_mode", type=str.lower, choices=("negcut", "fastnegcut"), **hidden)
+    group.add_argument("--gpu_ids", **hidden)
+    for name, value in fixed.items():
+        group.add_argument(f"--{name}", type=str.lower, choices=(value,), nargs="?", **hidden)
+    for name in IGNORED:
+        group.add_argument(f"--{name}", dest=f"ignored_{name}", nargs="?", **hidden)
+
+
+def official_flags(args: argparse.Namespace, flags: dict) -> None:
+    """Turn the official --model (--CUT_mode, --NEGCUT_mode) and --gpu_ids typed into
+    dcl.py's --mode and --device in `flags`, and say which flags are ignored."""
+    model = getattr(args, "model", None)
+    variant = getattr(args, {"negcut": "NEGCUT_mode"}.get(model, "CUT_mode"), None)
+    mode = variant if model in (None, "cut", "negcut") and variant else OFFICIAL_MODELS.get(model)
+    if mode and flags.setdefault("mode", mode) != mode:
+        raise UserError(f"--model {model or 'cut'}{f' ({variant})' * bool(variant)} is --mode "
+                        f"{mode}, not --mode {flags['mode']}")
+    if model == "qs" or hasattr(args, "QS_mode"):            # QS-Attn's train.py: --model qs
+        flags.setdefault("patch_select", "qsattn")
+    ids = getattr(args, "gpu_ids", "")
+    if "," in ids:
+        raise UserError(f"--gpu_ids {ids}: one process per GPU here: torchrun "
+                        f"--nproc_per_node={ids.count(',') + 1} dcl.py train ... (README)")
+    if ids:
+        flags.setdefault("device", "cpu" if ids.startswith("-") else f"cuda:{ids}")
+    if ignored := [f"--{k[8:]}" for k in vars(args) if k.startswith("ignored_")]:
+        print(f"note: ignored {' '.join(ignored)} (no display, HTML, name suffix or resume "
+              "bookkeeping here)", file=sys.stderr)
+
+
+def build_parser(mode: str = "cut") -> argparse.ArgumentParser:
     parser = Parser(prog="dcl.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True,  # flags never abbreviate
                                      parser_class=partial(Parser, allow_abbrev=False))
-    train_parser = commands.add_parser("train", help="train a model (see --mode)")
-    add_config_flags(train_parser, tuple(MODES))
-    bench_parser = commands.add_parser("bench", help="time the training step of a mode or all "
-                                       "(random batches; default batch 1 at 256x256)")
-    add_config_flags(bench_parser, (*MODES, "all"))
-    bench_parser.add_argument("--steps", type=int, default=20, help="timed steps per mode")
-    bench_parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    examples = "examples:\n" + __doc__.split("Commands\n")[1].split("\n\n")[0]
+    train = commands.add_parser("train", help="train a model (see --mode)", epilog=examples,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                usage="%(prog)s [--mode MODE] [--dataroot DIR] [flag ...]")
+    bench = commands.add_parser("bench", help="time the training step of a mode or all "
+                                "(random batches; default batch 1 at 256x256)")
+    te = commands.add_parser("test", help="as the official test.py: a run's test split into "
+                             "results_dir/name/ (the run's own flags are accepted)")
+    for sub, modes in ((train, tuple(MODES)), (bench, (*MODES, "all")), (te, tuple(MODES))):
+        add_config_flags(sub, modes, mode)
+    add_official_flags(train)
+    bench.add_argument("--steps", type=int, default=20, help="timed steps per mode")
+    bench.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     tr = commands.add_parser("translate", help="translate an image or a folder with a trained G")
     tr.add_argument("--checkpoint", required=True, help="dcl.py checkpoint or official *_net_G.pth")
     tr.add_argument("--input", required=True, help="an image, or a folder (searched recursively)")
     tr.add_argument("--output", required=True, help="results folder (PNGs, relative paths kept)")
     tr.add_argument("--mode", choices=tuple(MODES), help="the method of an official state dict")
     tr.add_argument("--direction", choices=("AtoB", "BtoA"), default="AtoB")
-    tr.add_argument("--max_side", type=int, default=0, help="shrink to this longer side (0: never)")
     tr.add_argument("--resize", type=int, default=0, help="resize to this square first (256: the "
                     "official test protocol; 0: native size)")
+    te.add_argument("--results_dir", default="./results", help="where results/name/ is made")
+    te.add_argument("--num_test", type=int, default=0, help="the first N (0: all; official: 50)")
+    te.add_argument("--phase", default="test", help="DATAROOT/<phase>A and <phase>B")
+    te.add_argument("--epoch", default="latest", help="latest, best, N (or official N_net_G.pth)")
+    te.add_argument("--preprocess", default="resize_and_crop", choices=("resize_and_crop", "none"),
+                    help="resize to crop_size² (official), or none: native size")
+    add_official_flags(te, own=("phase", "epoch", "preprocess"))
     ev = commands.add_parser("eval", help="FID and KID of two folders (pytorch-fid's protocol)")
     ev.add_argument("--fake", required=True, help="translated images (searched recursively)")
     ev.add_argument("--real", required=True, help="real images of the target domain")
@@ -2975,7 +2968,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    mode = argv[argv.index("--mode") + 1] if "--mode" in argv[:-1] else "cut"
+    args = build_parser(mode if mode in MODES else "cut").parse_args(argv)
     try:
         if args.command in ("translate", "eval"):
             return translate(args) if args.command == "translate" else evaluate(args)
@@ -2986,7 +2980,12 @@ def main(argv: list | None = None) -> int:
                 raise UserError("bench needs --steps 1 or more and --warmup 0 or more")
             mode = flags.pop("mode", "cut")
             return bench(flags, [m for m in MODES if mode in ("all", m)], args.steps, args.warmup)
+        official_flags(args, flags)
         cfg, origin = resolve_config(flags)
+        if args.command == "test":
+            if args.num_test < 0:
+                raise UserError("--num_test must be 0 (all) or more")
+            return run_test(cfg, origin, args)
         return train(cfg, origin, ["dcl.py"] + argv)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
