@@ -25,8 +25,8 @@ Commands
     python dcl.py train --mode cut --max_steps 2        # does one training cycle work?
     python dcl.py train --mode cut --dataroot ./datasets/horse2zebra --name h2z
     python dcl.py train --name h2z --continue_train     # resume exactly where it stopped
-    python dcl.py train --dataroot ./datasets/h2z --name h2z_CUT --CUT_mode CUT  # official flags
-    python dcl.py test --dataroot ./datasets/h2z --name h2z_CUT   # as test.py: results/h2z_CUT/
+    python dcl.py train --dataroot ./datasets/horse2zebra --name h2z --CUT_mode CUT  # official
+    python dcl.py test --dataroot ./datasets/horse2zebra --name h2z  # as test.py: ./results/h2z/
     python dcl.py translate --checkpoint checkpoints/h2z/ckpt_latest.pt \\
                             --input ./datasets/horse2zebra/testA --output ./results/h2z
     python dcl.py eval --fake ./results/h2z --real ./datasets/horse2zebra/testB  # FID, KID
@@ -802,8 +802,7 @@ def combined_nce(nce_main, nce_idt, zero) -> torch.Tensor:
 
 
 def reported(losses: dict) -> dict:
-    """What a step returns: its losses detached (no graph kept), without the terms
-    that are off (None)."""
+    """A step's losses, detached (no graph kept), without the terms that are off (None)."""
     return {k: v.detach() for k, v in losses.items() if v is not None}
 
 
@@ -1772,8 +1771,8 @@ class UnpairedDataset(torch.utils.data.Dataset):
         return max(len(self.files_a), len(self.files_b))
 
     def __getitem__(self, item):
-        """(real_a, real_b, the warnings about skipped unreadable files: the main process
-        prints them, so that a worker's message never follows the run's last line)."""
+        """(real_a, real_b, warnings about skipped unreadable files, printed by the main
+        process: a worker's would come after the run's last line)."""
         (item_seed, index, no_crop), cfg = item, self.cfg
         rng = torch.Generator().manual_seed(item_seed)
         index_b = (index % len(self.files_b) if cfg.serial_batches else
@@ -2735,10 +2734,10 @@ class TestSplit:
 # -----------------------------------------------------------------------------
 # 19. Bench
 # -----------------------------------------------------------------------------
-# Times the real training step (MODES[mode].step, under train's autocast) on
-# random batches: no data loading, warm-up steps (cuDNN autotuning, compilation),
-# then timed steps between synchronisations. torch.utils.flop_counter counts the
-# FLOPs of the first step; the device's matmul rate, measured here, is the ceiling.
+# Times the real training step (MODES[mode].step, under train's autocast) on random batches: no
+# data loading, warm-up steps (cuDNN autotuning, compilation), then timed steps between
+# synchronisations. torch.utils.flop_counter counts the FLOPs of the first step; the device's
+# matmul rate, measured here, is the ceiling.
 
 def matmul_tflops(device: torch.device, sync) -> tuple[float, str]:
     """Measured matrix-multiply rate (n×n @ n×n is 2n³ operations): bf16 on a GPU,
@@ -2802,11 +2801,11 @@ def bench(flags: dict, modes: list, steps: int, warmup: int) -> int:
 # -----------------------------------------------------------------------------
 # 20. torchrun
 # -----------------------------------------------------------------------------
-# `torchrun --nproc_per_node=N dcl.py train ...` runs N copies of this program,
-# each with RANK, LOCAL_RANK and WORLD_SIZE in its environment (F19). They build
-# the same networks from one seed, each takes its share of every epoch (§13) and
-# draws its own patch ids, noise and flips; gradients are averaged before every
-# optimiser step, so the weights stay identical. Only rank 0 prints and writes.
+# `torchrun --nproc_per_node=N dcl.py train ...` runs N copies of this program, each with RANK,
+# LOCAL_RANK and WORLD_SIZE in its environment (F19). They build the same networks from one seed,
+# each takes its share of every epoch (§13) and draws its own patch ids, noise and flips; gradients
+# are averaged before every optimiser step, so the weights stay identical. Only rank 0 prints and
+# writes.
 
 def setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     """Under torchrun (RANK in the environment) join the process group: NCCL
@@ -2885,14 +2884,15 @@ def add_config_flags(sub: argparse.ArgumentParser, modes: tuple, mode: str) -> N
 
 def add_official_flags(sub: argparse.ArgumentParser, own: tuple = ()) -> None:
     """The flags of OFFICIAL (other values: refused by argparse) and IGNORED, but
-    those the command has itself; --help sums them up in one paragraph."""
+    those the command has itself; --help sums them up under --model."""
     fixed = {k: v for k, v in OFFICIAL.items() if k not in own}
-    group = sub.add_argument_group("official flags", f"--model {'|'.join(OFFICIAL_MODELS)} (with "
-                                   "--CUT_mode, --NEGCUT_mode) sets --mode; --gpu_ids -1|N sets "
-                                   "--device; accepted as " + ", ".join(f"--{k} {v}" for k, v in
-                                   fixed.items()) + "; ignored: --" + " --".join(IGNORED))
-    hidden = dict(default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    group.add_argument("--model", type=str.lower, choices=tuple(OFFICIAL_MODELS), **hidden)
+    group, hidden = sub.add_argument_group("official flags"), dict(default=argparse.SUPPRESS,
+                                                                   help=argparse.SUPPRESS)
+    group.add_argument("--model", type=str.lower, choices=tuple(OFFICIAL_MODELS), metavar="MODEL",
+                       default=argparse.SUPPRESS, help=f"{'|'.join(OFFICIAL_MODELS)} (with "
+                       "--CUT_mode, --NEGCUT_mode) sets --mode; --gpu_ids -1|N sets --device; "
+                       "accepted as " + ", ".join(f"--{k} {v}" for k, v in fixed.items())
+                       + "; ignored: --" + " --".join(IGNORED))
     group.add_argument("--CUT_mode", type=str.lower, choices=("cut", "fastcut"), **hidden)
     group.add_argument("--NEGCUT_mode", type=str.lower, choices=("negcut", "fastnegcut"), **hidden)
     group.add_argument("--gpu_ids", **hidden)
