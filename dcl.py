@@ -831,7 +831,7 @@ def cut_generator_step(nets, opts, forward: CutForward, real_a, real_b, cfg,
     optimise(loss_G, opts["G"], opts["H"])
     name = "HDCE" if cfg.nce_loss == "hdce" else "NCE"
     return {"G_GAN": loss_G_GAN, name: zero if nce_main is None else nce_main.loss, "G": loss_G,
-            name + "_Y": nce_idt and nce_idt.loss, "SRC": loss_src, "perc": loss_perc}
+            name + "_Y": nce_idt.loss if nce_idt else None, "SRC": loss_src, "perc": loss_perc}
 
 
 def cut_step(nets: dict, opts: dict, real_a, real_b, cfg, epoch: int = 1) -> dict:
@@ -2033,8 +2033,8 @@ def open_run(cfg: TrainConfig, origin: dict, latest: Path) -> tuple:
 
 def refuse_existing(latest: Path) -> None:
     if latest.exists():
-        raise UserError(f"{latest} exists: add --continue_train to continue that run, "
-                        "or choose another --name")
+        raise UserError(f"{latest} exists: add --continue_train to continue that run, or "
+                        "choose another --name (or delete that folder)")
 
 
 HELD_LOCKS = {}                         # run folder -> descriptor, locked by this process
@@ -2113,6 +2113,8 @@ def train(cfg: TrainConfig, origin: dict, argv: list) -> int:
     # 2. The run folder: a new run, or the stored config and state of the one to continue.
     run_dir = Path(cfg.checkpoints_dir) / cfg.name
     latest, sample_dir = run_dir / "ckpt_latest.pt", run_dir / "samples"
+    if master and cfg.continue_train and run_dir.is_dir():
+        lock_run(run_dir)               # before its checkpoint is read: no other run writes it
     cfg, origin, resume = open_run(cfg, origin, latest)
 
     # 3. Reproducibility: one seed gives the same initial weights in every process.
@@ -2479,27 +2481,28 @@ def translate(args) -> int:
 
 
 def run_test(cfg: TrainConfig, origin: dict, args) -> int:
-    """test, the official test.py: the run's G (a dcl.py checkpoint, or official weights)
-    translates DATAROOT/<phase>A at crop_size² (--preprocess none: native size) into
-    results_dir/name/<phase>_<epoch>/images/fake_B, beside real_A and real_B made
-    the same way, the folders of the official FID recipe. All images, or --num_test."""
+    """test, as the official test.py: the run's G (dcl.py checkpoint or official weights; a
+    --direction other than the run's: G_ba) translates DATAROOT/<phase>A (the run's unless
+    typed) at crop_size² (--preprocess none: native) into .../fake_B, beside real_A, real_B."""
     run, epoch = Path(cfg.checkpoints_dir) / cfg.name, args.epoch
     ours = run / (f"ckpt_epoch_{int(epoch):03d}.pt" if epoch.isdigit() else f"ckpt_{epoch}.pt")
-    found = [p for p in (ours, run / f"{epoch}_net_G.pth", run / f"{epoch}_net_G_A.pth")
-             if p.is_file()]
-    if not found:
-        raise UserError(f"--epoch {epoch}: no {ours.name}, {epoch}_net_G.pth or "
-                        f"{epoch}_net_G_A.pth in {run}")
+    names = (ours, run / f"{epoch}_net_G.pth", run / f"{epoch}_net_G_A.pth")
+    if not (found := [p for p in names if p.is_file()]):
+        raise UserError(f"--epoch {epoch}: none of {', '.join(p.name for p in names)} in {run}")
     device = pick_device(cfg.device)
     G, stored = load_generator(found[0], cfg.mode, "AtoB", device)
-    typed = {k: getattr(cfg, k) for k in ("crop_size", "direction") if origin.get(k) == "flag"}
-    stored = dataclasses.replace(stored, dataroot=cfg.dataroot, **typed)
+    if origin.get("direction") == "flag" and cfg.direction != stored.direction:
+        G = load_generator(found[0], cfg.mode, "BtoA", device)[0]
+    typed = {k: getattr(cfg, k) for k in ("crop_size", "direction", "dataroot")
+             if origin.get(k) == "flag"}
+    stored = dataclasses.replace(stored, **typed)
     out = Path(args.results_dir) / cfg.name / f"{args.phase}_{epoch}" / "images"
     resize = 0 if args.preprocess == "none" else stored.crop_size
     folder_a, folder_b = domain_folders(stored, args.phase)
-    for visual, net, folder, nc in (("real_A", nn.Identity(), folder_a, stored.input_nc), (
-            "fake_B", G, folder_a, 0), ("real_B", nn.Identity(), folder_b, stored.output_nc)):
-        files = find_images(folder, 1, f" (test --phase {args.phase})")[:args.num_test or None]
+    ins, outs = G.model[1].in_channels, G.model[-2].out_channels  # the reals as G sees them
+    for visual, net, folder, nc in (("real_A", nn.Identity(), folder_a, ins), (
+            "fake_B", G, folder_a, 0), ("real_B", nn.Identity(), folder_b, outs)):
+        files = find_images(folder, 1, f" (--phase {args.phase})")[:max(args.num_test, 0) or None]
         translate_files(net, files, folder, out / visual, device, resize, nc)
         print(f"{visual}: {len(files)} images into {out / visual}")
     print(f"FID, KID: python dcl.py eval --fake {out / 'fake_B'} --real {out / 'real_B'}")
@@ -2905,7 +2908,7 @@ def add_official_flags(sub: argparse.ArgumentParser, own: tuple = ()) -> None:
 def official_flags(args: argparse.Namespace, flags: dict) -> None:
     """Turn the official --model (--CUT_mode, --NEGCUT_mode) and --gpu_ids typed into
     dcl.py's --mode and --device in `flags`, and say which flags are ignored."""
-    model = getattr(args, "model", None)
+    model = getattr(args, "model", "negcut" if hasattr(args, "NEGCUT_mode") else None)
     variant = getattr(args, {"negcut": "NEGCUT_mode"}.get(model, "CUT_mode"), None)
     mode = variant if model in (None, "cut", "negcut") and variant else OFFICIAL_MODELS.get(model)
     if mode and flags.setdefault("mode", mode) != mode:
@@ -2950,7 +2953,7 @@ def build_parser(mode: str = "cut") -> argparse.ArgumentParser:
     tr.add_argument("--resize", type=int, default=0, help="resize to this square first (256: the "
                     "official test protocol; 0: native size)")
     te.add_argument("--results_dir", default="./results", help="where results/name/ is made")
-    te.add_argument("--num_test", type=int, default=0, help="the first N (0: all; official: 50)")
+    te.add_argument("--num_test", type=int, default=0, help="the first N (0, <0: all; official 50)")
     te.add_argument("--phase", default="test", help="DATAROOT/<phase>A and <phase>B")
     te.add_argument("--epoch", default="latest", help="latest, best, N (or official N_net_G.pth)")
     te.add_argument("--preprocess", default="resize_and_crop", choices=("resize_and_crop", "none"),
@@ -2983,8 +2986,6 @@ def main(argv: list | None = None) -> int:
         official_flags(args, flags)
         cfg, origin = resolve_config(flags)
         if args.command == "test":
-            if args.num_test < 0:
-                raise UserError("--num_test must be 0 (all) or more")
             return run_test(cfg, origin, args)
         return train(cfg, origin, ["dcl.py"] + argv)
     except UserError as error:

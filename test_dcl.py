@@ -3790,12 +3790,14 @@ def parsed_config(*argv):
     (["--model", "negcut", "--NEGCUT_mode", "FastNEGCUT"], "fastnegcut"),
     (["--model", "negcut"], "negcut"), (["--model", "negcut", "--CUT_mode", "FastCUT"], "negcut"),
     (["--model", "cut", "--NEGCUT_mode", "FastNEGCUT"], "cut"), (["--model", "dcl"], "dcl"),
+    (["--NEGCUT_mode", "FastNEGCUT"], "fastnegcut"),
     (["--model", "simdcl"], "simdcl"), (["--model", "cycle_gan"], "cyclegan"),
     (["--model", "qs"], "cut"),
     (["--model", "cycle_gan", "--mode", "cyclegan"], "cyclegan")])
 def test_official_model_flags_choose_the_mode(argv, mode):
     """§21: the official --model, with --CUT_mode (read with --model cut, the
-    default) or --NEGCUT_mode (read with --model negcut), picks the mode the
+    default) or --NEGCUT_mode (read with --model negcut, which it implies when no
+    --model is given), picks the mode the
     official command trains, with that mode's preset; --model qs (QS-Attn's
     train.py) is CUT with --patch_select qsattn. A --mode that agrees is fine."""
     cfg, origin = parsed_config(*argv)
@@ -3903,7 +3905,8 @@ def test_bundled_data_named_explicitly_gets_the_demo_settings():
 def test_rate_leaves_out_the_first_step(monkeypatch):
     """§15: the progress line's rate runs from the end of step 1 (which pays for
     workers, autotuning, compiling): a first step of 10 s, then 1 s per step, reads
-    1 it/s after 5 steps and again after a reset, not 5/14 it/s."""
+    1 it/s after 5 steps, not 5/14 it/s; after a reset, two steps of 3 s more make
+    6 steps in 10 s since step 1: 0.6 it/s (from the reset it would be 1/3)."""
     now = [0.0]
     monkeypatch.setattr(dcl.time, "perf_counter", lambda: now[0])
     meter = dcl.Meter()
@@ -3911,10 +3914,10 @@ def test_rate_leaves_out_the_first_step(monkeypatch):
         now[0] = t
         meter.add({"G": torch.tensor(1.0)})
     assert meter.read()[1] == pytest.approx(1.0)              # 4 steps in 4 s since step 1
-    for t in (15.0, 16.0):
+    for t in (17.0, 20.0):
         now[0] = t
         meter.add({"G": torch.tensor(1.0)})
-    assert meter.read()[1] == pytest.approx(1.0)              # 6 steps in 6 s
+    assert meter.read()[1] == pytest.approx(0.6)
 
 
 def test_translate_says_mode_is_ignored_and_names_a_non_checkpoint(runs, data, tmp_path,
@@ -4156,3 +4159,24 @@ def test_grayscale_on_both_sides_trains(mode, tmp_path, capsys):
         assert ckpt["nets"]["pool_a"]["images"].shape == (2, 1, 32, 32)
     assert all(v.isfinite().all() for net in ckpt["nets"].values() for v in net.values()
                if torch.is_tensor(v) and v.is_floating_point())
+
+
+def test_test_command_uses_the_runs_data_and_direction(runs, data, tmp_path, capsys):
+    """§17: without --dataroot, test reads the run's own data (its 3 testA images,
+    not the bundled set's 30); a --direction other than the run's uses its other
+    generator: for a DCLGAN run trained AtoB, --direction BtoA translates testB
+    with G_ba, byte for byte what `translate --direction BtoA --resize 32` writes."""
+    for mode, extra in (("cut", []), ("dcl", ["--direction", "BtoA"])):
+        run = runs(mode)[1]
+        code, out, err = main_in_process(capsys, "test", "--name", mode, "--checkpoints_dir",
+                                         run.parent, "--results_dir", tmp_path / "r", "--device",
+                                         "cpu", *extra)
+        assert code == 0, err
+    fakes = tmp_path / "r" / "cut" / "test_latest" / "images" / "fake_B"
+    assert len(list(fakes.rglob("*.png"))) == 3
+    translate_in_process(capsys, runs("dcl")[1] / "ckpt_latest.pt", data / "testB", tmp_path / "t",
+                         "--direction", "BtoA", "--resize", 32)
+    fakes = tmp_path / "r" / "dcl" / "test_latest" / "images" / "fake_B"
+    assert sorted(p.name for p in fakes.iterdir()) == ["0.png", "1.png"]
+    for name in ("0.png", "1.png"):
+        assert (fakes / name).read_bytes() == (tmp_path / "t" / name).read_bytes()
